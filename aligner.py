@@ -1,0 +1,235 @@
+"""The Aligner: N learnable tokens shared by every layer, and one gate per head per layer.
+
+Paper: "Aligner: One Global Token is Worth Millions of Parameters When Aligning Large Language
+Models", Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503. The base model stays frozen; this module
+is everything that trains. model.py's Attention reads it through `prompt(layer)`:
+
+    layer:   0     1     2     3    ...   L-1
+    prompt:  -     -   (P,g2) (P,g3) ... (P,g_L-1)     P: tokens (N, D), shared by all layers
+                                                        g_l: gates (H,), zero at the start
+
+Trainable parameters: N*D + (L - start_layer)*H, e.g. 4096 + 30*32 = 5,056 for one token on
+LLaMA-2-7B and 576 + 28*9 = 828 on SmolLM2-135M. With `per_layer=True` every layer gets its own
+tokens instead: LLaMA-Adapter's design, the paper's main baseline, one line apart (see prompt).
+
+Command line:
+    python aligner.py inspect FILE      # our adapter or an official released checkpoint
+    python aligner.py merge --adapter out.pt --out DIR [--format hf]
+    python aligner.py compare A B
+Read next: train.py (how it learns), generate.py (how it is used).
+"""
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model import CONFIGS, ModelArgs, UserError
+
+FORMAT = "aligner-v1"
+
+
+class Aligner(nn.Module):
+    def __init__(self, args: ModelArgs, n_tokens: int = 1, start_layer: int = 2, per_layer=False,
+                 meta=None):
+        super().__init__()
+        if n_tokens < 1:
+            raise UserError(f"--tokens must be at least 1, got {n_tokens}")
+        if not 0 <= start_layer < args.n_layers:
+            raise UserError(f"--start-layer must be in 0..{args.n_layers - 1} for this "
+                            f"{args.n_layers}-layer model, got {start_layer}")
+        self.n_tokens, self.start_layer, self.per_layer = n_tokens, start_layer, per_layer
+        self.dim, self.n_layers, self.n_heads = args.dim, args.n_layers, args.n_heads
+        self.meta = dict(meta or {})  # plain facts saved with the file: base model, template, ...
+        n_gated = args.n_layers - start_layer
+        shape = (n_gated, n_tokens, args.dim) if per_layer else (n_tokens, args.dim)
+        self.tokens = nn.Parameter(torch.randn(shape))  # N(0, 1), as nn.Embedding in the official code
+        # zero gates: the model starts as exactly the base model, and learns how much to listen
+        self.gates = nn.Parameter(torch.zeros(n_gated, args.n_heads))  # (L - s, H), used raw (no tanh)
+
+    def prompt(self, layer: int):
+        """(tokens (N, D), gate (H,)) for `layer`, or None below start_layer."""
+        if layer < self.start_layer:
+            return None
+        i = layer - self.start_layer
+        tokens = self.tokens[i] if self.per_layer else self.tokens  # the one line LLaMA-Adapter differs
+        return tokens, self.gates[i]
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_fits(self, args: ModelArgs, name="the model"):
+        mine = (self.dim, self.n_layers, self.n_heads)
+        if mine != (args.dim, args.n_layers, args.n_heads):
+            raise UserError(f"this adapter is for a model with dim {mine[0]}, {mine[1]} layers, "
+                            f"{mine[2]} heads, but {name} has dim {args.dim}, {args.n_layers} "
+                            f"layers, {args.n_heads} heads: pick the base model it was trained on")
+
+    def to_dict(self):
+        return {"format": FORMAT, "tokens": self.tokens.detach().cpu(),
+                "gates": self.gates.detach().cpu(), "config": self.config()}
+
+    def config(self):
+        return {"n_tokens": self.n_tokens, "start_layer": self.start_layer,
+                "per_layer": self.per_layer, "dim": self.dim, "n_layers": self.n_layers,
+                "n_heads": self.n_heads, **self.meta}
+
+    def save(self, path):
+        atomic_save(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, d, where="adapter"):
+        c = d["config"]
+        args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"])
+        meta = {k: v for k, v in c.items()
+                if k not in ("n_tokens", "start_layer", "per_layer", "dim", "n_layers", "n_heads")}
+        aligner = cls(args, c["n_tokens"], c["start_layer"], c["per_layer"], meta)
+        if d["tokens"].shape != aligner.tokens.shape or d["gates"].shape != aligner.gates.shape:
+            raise UserError(f"{where}: tensor shapes do not match its own config; the file is damaged")
+        aligner.load_state_dict({"tokens": d["tokens"].float(), "gates": d["gates"].float()})
+        return aligner
+
+    @classmethod
+    def load(cls, path):
+        """Our adapter file, a training checkpoint, or an official released Aligner checkpoint."""
+        d = load_file(path)
+        if d.get("format") == FORMAT:
+            return cls.from_dict(d, path)
+        if isinstance(d.get("aligner"), dict) and d["aligner"].get("format") == FORMAT:
+            return cls.from_dict(d["aligner"], path)  # a training checkpoint (train.py --resume)
+        if any(isinstance(k, str) and k.endswith("attn.gating_factor") for k in d):
+            return cls.from_official(d, path)
+        raise UserError(f"{path}: this is a PyTorch file but not an Aligner adapter "
+                        f"(none of its keys look like one)")
+
+    @classmethod
+    def from_official(cls, sd, path="official checkpoint"):
+        """Import the released lit-llama style files: `global_value_embedding.weight` (N, D),
+        per layer `transformer.h.{l}.attn.adapter_wte.weight` (copies of it, or per-layer prompts
+        in older adapters) and `transformer.h.{l}.attn.gating_factor`: (1,H,1,1), (1,1,H,1) or one
+        scalar per layer."""
+        gates = {int(m.group(1)): v for k, v in sd.items()
+                 if (m := re.fullmatch(r"transformer\.h\.(\d+)\.attn\.gating_factor", k))}
+        wte = {int(m.group(1)): v for k, v in sd.items()
+               if (m := re.fullmatch(r"transformer\.h\.(\d+)\.attn\.adapter_wte\.weight", k))}
+        start, n_layers = min(gates), max(gates) + 1
+        if sorted(gates) != list(range(start, n_layers)):
+            raise UserError(f"{path}: gates are missing for some layers between {start} and {n_layers - 1}")
+        shared = sd.get("global_value_embedding.weight")
+        if shared is None and start not in wte:
+            raise UserError(f"{path}: gates but no Aligner tokens (no global_value_embedding.weight)")
+        per_layer = shared is None and any(not torch.equal(v, wte[start]) for v in wte.values())
+        tokens = torch.stack([wte[l] for l in range(start, n_layers)]) if per_layer else (
+            shared if shared is not None else wte[start])
+        n_tokens, dim = tokens.shape[-2:]
+        n_heads = max(g.numel() for g in gates.values())
+        if n_heads == 1:  # older lit-llama: one scalar per layer; take the head count from a known size
+            sizes = [a for a in CONFIGS.values() if (a.dim, a.n_layers) == (dim, n_layers)]
+            if not sizes:
+                raise UserError(f"{path}: scalar gates and no known model with dim {dim} and "
+                                f"{n_layers} layers, so the head count is unknown")
+            n_heads = sizes[0].n_heads
+        args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads)
+        aligner = cls(args, n_tokens, start, per_layer, {"source": f"official: {Path(path).name}"})
+        g = torch.stack([gates[l].float().flatten().expand(n_heads) for l in range(start, n_layers)])
+        aligner.load_state_dict({"tokens": tokens.float(), "gates": g})  # gates (L - s, H)
+        return aligner
+
+
+def load_file(path):
+    """torch.load with weights_only=True (adapter files come from strangers), errors as one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a text file, a pickle with code in it: all refused alike
+        raise UserError(f"{path}: cannot be read as PyTorch weights ({type(e).__name__}): not a "
+                        f".pt/.pth file, truncated, or holding code that weights_only refuses") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: holds a {type(d).__name__}, not an Aligner adapter")
+    return d
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: `path` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def inspect(path, plot=None):
+    a = Aligner.load(path)
+    out = [f"{path}",
+           f"  tokens       {a.n_tokens}{' per layer (LLaMA-Adapter style)' if a.per_layer else ' shared by all layers'}",
+           f"  base shape   dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads",
+           f"  start layer  {a.start_layer} (gated layers {a.start_layer}..{a.n_layers - 1})",
+           f"  trainable    {a.n_params():,} parameters"]
+    out += [f"  {k:<12} {v}" for k, v in a.meta.items() if k in ("base", "source", "template", "mode")]
+    norms = a.tokens.detach().float().norm(dim=-1).flatten()  # (N,) or (L - s) * N
+    out.append(f"  token norm   mean {norms.mean():.2f} (sqrt(dim) = {a.dim ** 0.5:.2f})")
+    g = a.gates.detach().abs()  # (L - s, H)
+    top = g.max().item() or 1.0
+    out.append("  layer  mean|g|   max|g|")
+    for i, (mean, mx) in enumerate(zip(g.mean(1).tolist(), g.max(1).values.tolist())):
+        out.append(f"  {a.start_layer + i:5d}  {mean:7.4f}  {mx:7.4f}  {'#' * round(30 * mean / top)}")
+    print("\n".join(out))
+    if plot:
+        plot_gates(a, plot)
+
+
+def plot_gates(a, png):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    g = a.gates.detach().abs()  # (L - s, H)
+    layers = list(range(a.start_layer, a.n_layers))
+    n_panels = 2 if a.n_tokens > 1 and not a.per_layer else 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, 4), squeeze=False)
+    axes[0][0].plot(layers, g.mean(1), label="mean |g|")
+    axes[0][0].plot(layers, g.max(1).values, label="max |g|")
+    axes[0][0].set(xlabel="layer", ylabel="gate magnitude", title="Aligner gates per layer")
+    axes[0][0].legend()
+    if n_panels == 2:
+        t = nn.functional.normalize(a.tokens.detach().float(), dim=-1)  # (N, D)
+        im = axes[0][1].imshow(t @ t.T, vmin=-1, vmax=1, cmap="coolwarm")  # (N, N) cosine
+        axes[0][1].set(title="token cosine similarity", xlabel="token", ylabel="token")
+        fig.colorbar(im, ax=axes[0][1])
+    fig.tight_layout()
+    fig.savefig(png)
+    print(f"wrote {png}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("inspect", help="print an adapter's shape, parameter count and gates")
+    i.add_argument("file", help="our adapter (.pt) or an official Aligner checkpoint (.pth)")
+    i.add_argument("--plot", metavar="PNG", help="also draw the gates (needs matplotlib)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "inspect":
+            inspect(args.file, args.plot)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

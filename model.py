@@ -1,0 +1,304 @@
+"""A complete LLaMA in one file, with the Aligner prefix path beside its attention.
+
+Aligner (Zhou et al. 2023, arXiv 2312.05503) freezes the base model and learns N "prefix
+tokens" shared by every layer. Every layer l >= start_layer (2 by default) attends to them
+through its own frozen wk/wv, with a softmax of their own, scales that by a per-head gate
+and adds it to the ordinary causal attention output, before wo:
+
+    x --norm--> q, k, v --RoPE--> softmax(q k^T) v ----------------(+)--> wo --> residual
+                |                                                   ^
+                +--> softmax(q pk^T) pv  (pk, pv = P wk^T, P wv^T)  |  times gate[l, head]
+                     no RoPE, no norm: the prefix has no position --+
+
+Everything else is Meta's LLaMA (RMSNorm, interleaved RoPE, SwiGLU, grouped-query
+attention), with Meta's parameter names so that Meta checkpoints load without renaming.
+
+Use: `model = load_model("checkpoints/smollm2-135m-instruct")`, then
+`logits = model(tokens, aligner=None)`; tokens (B, T) -> logits (B, T, vocab).
+Read next: aligner.py (the trainable part), then train.py and generate.py.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a flag): the scripts print it as one line, exit 2."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096  # model width D
+    n_layers: int = 32  # L
+    n_heads: int = 32  # query heads H
+    n_kv_heads: int = 32  # key/value heads K (K < H: grouped-query attention)
+    vocab_size: int = 32000
+    hidden_dim: int = 11008  # feed-forward width
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False  # output projection shares tok_embeddings' weight
+    wo_bias_from: int = -1  # layers from this one on get a bias on wo (a merged Aligner); -1: none
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_json(cls, path):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k in known})
+
+    def to_json(self, path):
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+CONFIGS = {  # named sizes; convert_weights.py reads the real ones from the checkpoint
+    "llama-2-7b": ModelArgs(),
+    "llama-2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824),
+    "llama-2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
+    "tinyllama-1.1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
+                                max_seq_len=2048),
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                              hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192,
+                              tie_embeddings=True),
+    "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96,
+                      max_seq_len=256),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # (..., D) in fp32, as Meta does
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
+        return xf.type_as(x) * self.weight  # (..., D)
+
+
+def rope(pos, head_dim: int, theta: float):
+    """cos, sin of the rotation angle pos * theta^(-2i/E), each (T, 1, E/2), in fp32.
+
+    Computed from positions on every call (it is tiny), so no buffer can be rounded by .to(bf16)."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)  # (E/2,)
+    angle = pos.float()[:, None] * inv_freq[None, :]  # (T, E/2)
+    return angle.cos()[:, None, :], angle.sin()[:, None, :]  # (T, 1, E/2) twice
+
+
+def apply_rope(x, cos, sin):
+    """Rotate consecutive pairs (x0, x1) of the head width: Meta's interleaved layout."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, heads, E/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, heads, E/2) each
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, heads, E/2, 2)
+    return out.flatten(-2).type_as(x)  # (B, T, heads, E)
+
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far, for decoding one token at a time.
+
+    `prefix` holds this layer's Aligner keys/values, computed once when the cache is set up
+    (they do not depend on the input) and reused at every step. Training never uses a cache,
+    so the prefix there is always computed from the current tokens."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.prefix = None  # (pk, pv), each (N, K, E), or None without an Aligner
+
+    def update(self, pos, k, v):
+        b = k.shape[0]
+        self.k[:b, pos] = k  # (B, T, K, E) written at positions pos
+        self.v[:b, pos] = v
+        return self.k[:b], self.v[:b]  # (B, S, K, E) each, S = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        has_bias = 0 <= args.wo_bias_from <= layer_id
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=has_bias)
+        self.cache = None  # a KVCache while decoding
+
+    def prefix_kv(self, tokens, dtype):
+        """The Aligner tokens through this layer's frozen wk, wv: no norm, and no RoPE."""
+        n = tokens.shape[0]
+        tokens = tokens.to(dtype)  # (N, D)
+        pk = self.wk(tokens).view(n, self.n_kv_heads, self.head_dim)  # (N, K, E)
+        pv = self.wv(tokens).view(n, self.n_kv_heads, self.head_dim)  # (N, K, E)
+        return pk, pv
+
+    def forward(self, x, pos, cos, sin, prefix=None):
+        # Legend: b batch, t query positions, s key positions, k key/value heads,
+        # g query heads per key/value head (H = K * G), e head width, n Aligner tokens.
+        b, t, _ = x.shape
+        k_heads, g, e = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        # QKV
+        q = self.wq(x).view(b, t, self.n_heads, e)  # (b, t, h, e)
+        k = self.wk(x).view(b, t, k_heads, e)  # (b, t, k, e)
+        v = self.wv(x).view(b, t, k_heads, e)  # (b, t, k, e)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # positions enter here only
+        if self.cache is not None:
+            k, v = self.cache.update(pos, k, v)  # (b, s, k, e): every cached position
+        q = q.view(b, t, k_heads, g, e)  # grouped-query: query head h = kv head * g + group index
+        # causal attention
+        scores = torch.einsum("btkge,bske->bkgts", q, k) / math.sqrt(e)  # (b, k, g, t, s)
+        visible = pos[:, None] >= torch.arange(k.shape[1], device=x.device)[None, :]  # (t, s)
+        scores = scores.float().masked_fill(~visible, float("-inf"))  # (b, k, g, t, s) fp32
+        y = torch.einsum("bkgts,bske->btkge", scores.softmax(-1).type_as(q), v)  # (b, t, k, g, e)
+        # Aligner: the shared tokens, with a softmax of their own, gated per head
+        if prefix is not None:
+            tokens, gate = prefix  # (n, D), (h,)
+            pk, pv = self.cache.prefix if self.cache is not None else self.prefix_kv(tokens, x.dtype)
+            p_scores = torch.einsum("btkge,nke->bkgtn", q, pk) / math.sqrt(e)  # (b, k, g, t, n)
+            p_att = p_scores.float().softmax(-1).type_as(q)  # (b, k, g, t, n) over the n tokens
+            py = torch.einsum("bkgtn,nke->btkge", p_att, pv)  # (b, t, k, g, e)
+            y = y + gate.to(y.dtype).view(k_heads, g, 1) * py  # (b, t, k, g, e)
+        return self.wo(y.reshape(b, t, -1))  # (b, t, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, D) via (B, T, hidden_dim)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, pos, cos, sin, prefix=None):
+        h = x + self.attention(self.attention_norm(x), pos, cos, sin, prefix)  # (B, T, D)
+        return h + self.feed_forward(self.ffn_norm(h))  # (B, T, D)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens, aligner=None, pos=None):
+        """tokens (B, T) -> logits (B, T, vocab). With a cache set up, `pos` (T,) says where
+        the tokens sit in the sequence; without one they are the whole sequence from 0."""
+        if pos is None:
+            pos = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        cos, sin = rope(pos, self.args.head_dim, self.args.rope_theta)  # (T, 1, E/2) each
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            prefix = aligner.prompt(i) if aligner is not None else None  # None below start_layer
+            h = layer(h, pos, cos, sin, prefix)  # (B, T, D)
+        return self.output(self.norm(h)).float()  # (B, T, vocab)
+
+    @torch.no_grad()
+    def setup_cache(self, batch: int, max_len: int, aligner=None):
+        """Fresh KV caches for one generation, with each layer's Aligner keys/values
+        computed here, once. Call again for every new prompt."""
+        p = self.output.weight
+        for i, layer in enumerate(self.layers):
+            attn = layer.attention
+            attn.cache = KVCache(batch, max_len, attn.n_kv_heads, attn.head_dim, p.dtype, p.device)
+            prompt = aligner.prompt(i) if aligner is not None else None
+            attn.cache.prefix = attn.prefix_kv(prompt[0], p.dtype) if prompt is not None else None
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+
+def check_shapes(args: ModelArgs, state: dict, where: str):
+    """Every tensor the model expects is there with the shape `args` implies, and no other."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    for key in sorted(expected.keys() | state.keys()):
+        got = tuple(state[key].shape) if key in state else None
+        if expected.get(key) != got:
+            raise UserError(f"{where}: tensor {key} is {got or 'missing'}, but params.json "
+                            f"implies {expected.get(key) or 'no such tensor'}")
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """The frozen model in a directory made by convert_weights.py (params.json + model.safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in ("params.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise UserError(f"{path / name} not found: make the model directory with "
+                            f"`python convert_weights.py SOURCE {path}`")
+    try:
+        args = ModelArgs.from_json(path / "params.json")
+        state = load_file(path / "model.safetensors", device=str(device))
+    except (ValueError, TypeError, SafetensorError, OSError) as e:
+        raise UserError(f"{path}: cannot read the converted checkpoint ({e}); convert it again")
+    check_shapes(args, state, str(path / "model.safetensors"))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.requires_grad_(False).eval()
+
+
+class Tokenizer:
+    """encode/decode for a converted model directory: sentencepiece (tokenizer.model) or the
+    `tokenizers` library (tokenizer.json), plus tokenizer_config.json with bos_id, eos_id, add_bos."""
+
+    def __init__(self, path):
+        path = Path(path)
+        config = path / "tokenizer_config.json"
+        if not config.is_file():
+            raise UserError(f"{config} not found: this model directory has no tokenizer; convert "
+                            f"a checkpoint that includes one with convert_weights.py")
+        cfg = json.loads(config.read_text())
+        self.bos_id, self.eos_id, self.add_bos = cfg["bos_id"], cfg["eos_id"], cfg["add_bos"]
+        if (path / "tokenizer.model").is_file():
+            import sentencepiece
+
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            self._encode, self._decode = sp.encode, sp.decode
+        elif (path / "tokenizer.json").is_file():
+            import tokenizers
+
+            tk = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            self._encode = lambda text: tk.encode(text, add_special_tokens=False).ids
+            self._decode = lambda ids: tk.decode(ids, skip_special_tokens=False)
+        else:
+            raise UserError(f"{path}: neither tokenizer.model nor tokenizer.json is there")
+
+    def encode(self, text: str, bos=None, eos=False) -> list:
+        bos = self.add_bos if bos is None else bos
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])

