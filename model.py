@@ -204,6 +204,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.activation_checkpointing = False  # train.py --activation-checkpointing
 
     def forward(self, tokens, aligner=None, pos=None):
         """tokens (B, T) -> logits (B, T, vocab). With a cache set up, `pos` (T,) says where
@@ -214,7 +215,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             prefix = aligner.prompt(i) if aligner is not None else None  # None below start_layer
-            h = layer(h, pos, cos, sin, prefix)  # (B, T, D)
+            if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, pos, cos, sin, prefix, use_reentrant=False)
+            else:
+                h = layer(h, pos, cos, sin, prefix)  # (B, T, D)
         return self.output(self.norm(h)).float()  # (B, T, vocab)
 
     @torch.no_grad()

@@ -1,0 +1,210 @@
+"""train.py and generate.py end to end on a tiny model: the loop, --resume, the safety of the
+user's files, and every bad input named in the issue (one line on stderr, exit code 2)."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+from test_model import assert_clean_error, run_cli
+
+import train
+from aligner import Aligner
+from generate import PROMPT_NO_INPUT, format_prompt, generate
+from model import Tokenizer, load_model
+
+RECORDS = [{"instruction": f"Name item {i}.", "input": "" if i % 3 else "a list", "output": f"Item {i} is here."}
+           for i in range(24)]
+
+
+@pytest.fixture()
+def data(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+def train_args(model_path, data, out, *extra):
+    return ["--model", str(model_path), "--data", str(data), "--out", str(out), "--batch-size", "4",
+            "--micro-batch-size", "2", "--warmup-steps", "2", "--eval-every", "3", "--eval-batches", "1",
+            "--val-fraction", "0.2", "--quiet", "--device", "cpu", *extra]
+
+
+def losses(metrics):
+    return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+
+
+def test_alpaca_template_is_exact():
+    assert format_prompt("Do X.") == ("Below is an instruction that describes a task. Write a response that "
+                                      "appropriately completes the request.\n\n### Instruction:\nDo X.\n\n### Response:")
+    assert format_prompt("Do X.", "Y") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nDo X.\n\n### Input:\nY"
+        "\n\n### Response:")
+    assert PROMPT_NO_INPUT.endswith("### Response:")
+
+
+def test_labels_mask_the_prompt(tiny):
+    _, path = tiny
+    tok = Tokenizer(path)
+    prompt = format_prompt("Say hi.")
+    ids, labels, _ = train.encode_example(tok, prompt, "hi there", 512, full_text=False)
+    n = len(tok.encode(prompt))
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert labels[:n] == [train.IGNORE] * n and labels[n:] == ids[n:]
+    ids2, labels2, _ = train.encode_example(tok, prompt, "hi there", 512, full_text=True)
+    assert labels2 == ids2
+    assert train.encode_example(tok, prompt, "hi there", n, full_text=False) is None  # nothing left to learn
+
+
+def test_get_lr_warms_up_in_optimizer_steps():
+    args = train.parser().parse_args(["--data", "x", "--lr", "0.01"])
+    lrs = [train.get_lr(s, args, total_steps=20, warmup_steps=4) for s in range(20)]
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and set(lrs[4:]) == {0.01}
+    args.schedule = "cosine"
+    cos = [train.get_lr(s, args, 20, 4) for s in range(20)]
+    assert cos[4] == pytest.approx(0.01) and cos[-1] < 0.002 and cos == sorted(cos[:4]) + sorted(cos[4:], reverse=True)
+
+
+def test_training_learns_and_only_the_aligner_changes(tiny, data, tmp_path):
+    _, path = tiny
+    out = tmp_path / "a.pt"
+    before = {k: v.clone() for k, v in load_model(path).state_dict().items()}
+    train.main(train_args(path, data, out, "--max-steps", "12", "--lr", "3e-2"))
+    ls = losses(tmp_path / "a.metrics.jsonl")
+    assert len(ls) == 12 and sum(ls[-3:]) / 3 < sum(ls[:3]) / 3
+    aligner = Aligner.load(out)
+    assert aligner.gates.abs().sum() > 0 and aligner.meta["base"] == str(path.resolve())
+    after = load_model(path).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 12 and "optimizer" in ckpt
+
+
+def test_resume_gives_the_same_losses(tiny, data, tmp_path):
+    _, path = tiny
+    train.main(train_args(path, data, tmp_path / "full.pt", "--max-steps", "6"))
+    train.main(train_args(path, data, tmp_path / "part.pt", "--max-steps", "3"))
+    train.main(train_args(path, data, tmp_path / "part.pt", "--max-steps", "6", "--resume"))
+    full, part = losses(tmp_path / "full.metrics.jsonl"), losses(tmp_path / "part.metrics.jsonl")
+    assert len(part) == 6 and full == pytest.approx(part, abs=1e-6)
+    a, b = Aligner.load(tmp_path / "full.pt"), Aligner.load(tmp_path / "part.pt")
+    torch.testing.assert_close(a.tokens, b.tokens, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.gates, b.gates, atol=1e-6, rtol=0)
+
+
+def test_per_layer_and_more_tokens(tiny, data, tmp_path):
+    _, path = tiny
+    train.main(train_args(path, data, tmp_path / "p.pt", "--max-steps", "2", "--per-layer", "--tokens", "3"))
+    a = Aligner.load(tmp_path / "p.pt")
+    assert a.per_layer and a.tokens.shape == (2, 3, 64) and a.n_params() == 2 * 3 * 64 + 2 * 4
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, data, tmp_path):
+    _, path = tiny
+    out = tmp_path / "n.pt"
+    r = run_cli("train.py", *train_args(path, data, out, "--max-steps", "6", "--lr", "1e38",
+                                        "--warmup-steps", "0", "--save-every", "1", "--eval-every", "0"))
+    assert_clean_error(r, "loss became", "last good")
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] >= 1 and torch.isfinite(ckpt["aligner"]["tokens"]).all()
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tiny, data, tmp_path):
+    _, path = tiny
+    out = tmp_path / "c.pt"
+    proc = subprocess.Popen([sys.executable, "train.py", *train_args(path, data, out, "--max-steps", "100000",
+                                                                     "--eval-every", "0", "--save-every", "0")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "c.metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted: saved" in stdout
+    assert torch.load(out, weights_only=True)["step"] >= 2
+
+
+def test_generate_from_adapter_alone_stdin_compare_and_no_adapter(tiny, data, tmp_path):
+    _, path = tiny
+    out = tmp_path / "g.pt"
+    train.main(train_args(path, data, out, "--max-steps", "2"))
+    r = run_cli("generate.py", "--adapter", str(out), "--prompt", "Name item 3.", "--max-new-tokens", "5")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = subprocess.run([sys.executable, "generate.py", "--adapter", str(out), "--max-new-tokens", "4", "--compare",
+                        "--temperature", "0"], cwd=ROOT, input="first\n\nsecond\n", capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("--- base:") == 2 and r.stdout.count("--- aligned:") == 2, r.stderr
+    r = run_cli("generate.py", "--model", str(path), "--no-adapter", "--raw", "--prompt", "x", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+
+
+def test_generate_sampling_is_seeded_and_stops(tiny):
+    _, path = tiny
+    model = load_model(path)
+    torch.manual_seed(0)
+    a = list(generate(model, [1, 5, 6], max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9))
+    torch.manual_seed(0)
+    b = list(generate(model, [1, 5, 6], max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9))
+    assert a == b and len(a) == 8
+    greedy = list(generate(model, [1, 5, 6], max_new_tokens=8, temperature=0))
+    stop = list(generate(model, [1, 5, 6], max_new_tokens=8, temperature=0, eos_id=greedy[2]))
+    assert stop == greedy[: greedy.index(greedy[2]) + 1]
+
+
+def test_trainable_count_on_the_embedded_default(smollm2_dir, tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps(RECORDS[:4]))
+    r = run_cli("train.py", "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "s.pt"), "--max-steps", "1",
+                "--batch-size", "2", "--micro-batch-size", "2", "--eval-every", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "828 trainable parameters" in r.stdout
+
+
+BAD_DATA = {
+    "invalid.json": ('[{"instruction": "a", "output": "b"},\n {"instruction": oops}]', "line 2, column"),
+    "notlist.json": ('{"instruction": "a", "output": "b"}', "expected a list"),
+    "nofield.json": ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', "record 1 has no 'output'"),
+    "notstring.json": ('[{"instruction": "a", "output": 5}]', "record 0: field 'output' is a int"),
+    "empty.json": ("[]", "no records"),
+    "bad.jsonl": ('{"instruction": "a", "output": "b"}\n{broken\n', "line 2"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATA))
+def test_bad_data_is_one_clear_line(tiny, tmp_path, name):
+    _, path = tiny
+    text, words = BAD_DATA[name]
+    (tmp_path / name).write_text(text)
+    out = tmp_path / "keep.pt"
+    out.write_bytes(b"the user's precious file")
+    assert_clean_error(run_cli("train.py", *train_args(path, tmp_path / name, out)), name, words)
+    assert out.read_bytes() == b"the user's precious file"
+
+
+def test_other_bad_inputs(tiny, data, tmp_path):
+    _, path = tiny
+    out = tmp_path / "keep.pt"
+    out.write_bytes(b"mine")
+    assert_clean_error(run_cli("train.py", *train_args(path, tmp_path / "missing.json", out)), "not found")
+    (tmp_path / "latin1.json").write_bytes('[{"instruction": "caf\xe9", "output": "x"}]'.encode("latin-1"))
+    assert_clean_error(run_cli("train.py", *train_args(path, tmp_path / "latin1.json", out)), "not UTF-8")
+    assert_clean_error(run_cli("train.py", *train_args(path, data, out, "--max-seq-len", "8")), "--max-seq-len")
+    assert_clean_error(run_cli("train.py", *train_args(path, data, out, "--tokens", "0")), "--tokens")
+    assert_clean_error(run_cli("train.py", *train_args(path, data, out, "--start-layer", "9")), "--start-layer")
+    assert_clean_error(run_cli("train.py", *train_args(path, data, out, "--resume")), "keep.pt")
+    assert out.read_bytes() == b"mine"
+    (tmp_path / "text.pth").write_text("404: Not Found\n")
+    assert_clean_error(run_cli("generate.py", "--adapter", str(tmp_path / "text.pth"), "--prompt", "x"), "text.pth")
+    train.main(train_args(path, data, tmp_path / "ok.pt", "--max-steps", "1"))
+    good = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
+    assert_clean_error(run_cli("generate.py", "--adapter", str(tmp_path / "cut.pt"), "--prompt", "x"), "cut.pt")
+    official = next((ROOT.parent / "shared" / "official_aligner").glob("aligner1Token-llama2-7B*"))
+    assert_clean_error(run_cli("generate.py", "--adapter", str(official), "--model", str(path), "--prompt", "x"),
+                       "dim 4096")
+    assert_clean_error(run_cli("generate.py", "--adapter", str(tmp_path / "ok.pt"), "--prompt", "word " * 300),
+                       "context")
