@@ -37,7 +37,8 @@ IGNORE = -100  # label of a token that the loss skips (prompt and padding)
 
 # ---- data ----------------------------------------------------------------------------------------
 def read_records(path, fields, optional=("input",)):
-    """A list of dicts with string `fields` from JSON or JSONL, or a UserError that says where."""
+    """A list of dicts with string `fields` from a JSON list (or JSONL, for a .jsonl file), or a
+    UserError that says where the problem is."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found")
@@ -46,7 +47,7 @@ def read_records(path, fields, optional=("input",)):
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
-        if text.lstrip().startswith("["):
+        if path.suffix != ".jsonl":
             records = json.loads(text)
         else:
             records = []

@@ -106,7 +106,7 @@ def test_per_layer_and_more_tokens(tiny, data, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, data, tmp_path):
     _, path = tiny
     out = tmp_path / "n.pt"
-    r = run_cli("train.py", *train_args(path, data, out, "--max-steps", "6", "--lr", "1e38",
+    r = run_cli("train.py", *train_args(path, data, out, "--max-steps", "6", "--lr", "1e30",
                                         "--warmup-steps", "0", "--save-every", "1", "--eval-every", "0"))
     assert_clean_error(r, "loss became", "last good")
     ckpt = torch.load(out, weights_only=True)
