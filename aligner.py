@@ -21,6 +21,7 @@ Read next: train.py (how it learns), generate.py (how it is used).
 import argparse
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -189,6 +190,82 @@ def inspect(path, plot=None):
         plot_gates(a, plot)
 
 
+def merge(adapter, out, model=None, fmt="ours", force=False):
+    """Fold a one-token Aligner into the base model's weights, exactly.
+
+    With N = 1 the prefix softmax is over a single token, so its weight is 1 for every query and
+    the prefix adds the same vector to every position: head h of layer l gets g_l[h] * (wv_l p)
+    for the key/value head that h reads. After wo that is a constant bias, b_l = wo_l (g_l * wv_l p),
+    on the attention output of each layer from start_layer on. The merged model computes exactly
+    what base + Aligner computes, at exactly the base model's cost. For N > 1 the mixture of the N
+    values depends on the query, so no such merge exists."""
+    from safetensors.torch import load_file, save_file
+
+    a = Aligner.load(adapter)
+    if a.n_tokens != 1:
+        raise UserError(f"{adapter} has {a.n_tokens} tokens: only a one-token Aligner merges exactly "
+                        f"(with N > 1 the prefix softmax weights depend on each query, so the added "
+                        f"vector is not a constant); keep using it as an adapter")
+    src = Path(model or a.meta.get("base") or "")
+    if not (src / "params.json").is_file():
+        raise UserError(f"base model directory {src} not found: pass --model DIR")
+    args = ModelArgs.from_json(src / "params.json")
+    a.check_fits(args, str(src))
+    if args.wo_bias_from >= 0:
+        raise UserError(f"{src} already has a merged Aligner; merge into the original base model")
+    state = load_file(src / "model.safetensors")
+    k_heads, g, e = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
+    with torch.no_grad():
+        for layer in range(a.start_layer, args.n_layers):
+            tokens, gate = a.prompt(layer)  # (1, D), (H,)
+            wv = state[f"layers.{layer}.attention.wv.weight"].float()  # (K*E, D)
+            wo = state[f"layers.{layer}.attention.wo.weight"]  # (D, H*E)
+            pv = (wv @ tokens[0].float()).view(k_heads, 1, e)  # (K, 1, E): the one prefix value
+            per_head = gate.view(k_heads, g, 1) * pv  # (K, G, E): head h = kv head * G + group
+            state[f"layers.{layer}.attention.wo.bias"] = (wo.float() @ per_head.reshape(-1)).to(wo.dtype)  # (D,)
+    args.wo_bias_from = a.start_layer
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp = Path(tmp)
+        tmp.chmod(0o755)
+        if fmt == "hf":
+            from convert_weights import to_hf
+
+            to_hf(args, state, src, tmp)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+            args.to_json(tmp / "params.json")
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            if (src / name).is_file() and not (tmp / name).exists():
+                shutil.copy(src / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        tmp.mkdir()  # for TemporaryDirectory's own cleanup
+    print(f"wrote {out} ({'Hugging Face' if fmt == 'hf' else 'model.py'} format): {src.name} with "
+          f"{Path(adapter).name} merged as a wo bias in layers {a.start_layer}..{args.n_layers - 1}")
+
+
+def compare(path_a, path_b):
+    """How alike two adapters are: cosine similarity of tokens and gates, and equal numbers."""
+    a, b = Aligner.load(path_a), Aligner.load(path_b)
+    print(f"A {path_a}: {a.n_tokens} token(s), {a.n_params():,} parameters\n"
+          f"B {path_b}: {b.n_tokens} token(s), {b.n_params():,} parameters")
+    for name in ("tokens", "gates"):
+        x, y = getattr(a, name).detach().float(), getattr(b, name).detach().float()
+        if x.shape != y.shape:
+            print(f"  {name:<7} shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+            continue
+        cos = nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item()
+        rows = nn.functional.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1)  # per token / layer
+        equal = (x == y).float().mean().item()
+        print(f"  {name:<7} cosine {cos:+.4f} (per {'token' if name == 'tokens' else 'layer'}: "
+              f"min {rows.min():+.4f}, max {rows.max():+.4f}); exactly equal numbers {100 * equal:.1f}%")
+
+
 def plot_gates(a, png):
     try:
         import matplotlib
@@ -222,10 +299,24 @@ def main(argv=None):
     i = sub.add_parser("inspect", help="print an adapter's shape, parameter count and gates")
     i.add_argument("file", help="our adapter (.pt) or an official Aligner checkpoint (.pth)")
     i.add_argument("--plot", metavar="PNG", help="also draw the gates (needs matplotlib)")
+    m = sub.add_parser("merge", help="fold a one-token Aligner into the base weights, exactly")
+    m.add_argument("--adapter", required=True, help="a one-token adapter file")
+    m.add_argument("--out", required=True, help="directory for the merged model")
+    m.add_argument("--model", help="base model directory (default: the adapter's own base)")
+    m.add_argument("--format", choices=["ours", "hf"], default="ours",
+                   help="ours: a model.py directory; hf: a Hugging Face LLaMA checkpoint")
+    m.add_argument("--force", action="store_true", help="replace --out if it exists")
+    c = sub.add_parser("compare", help="similarity of two adapters' tokens and gates")
+    c.add_argument("a", help="first adapter")
+    c.add_argument("b", help="second adapter")
     args = p.parse_args(argv)
     try:
         if args.cmd == "inspect":
             inspect(args.file, args.plot)
+        elif args.cmd == "merge":
+            merge(args.adapter, args.out, args.model, args.format, args.force)
+        else:
+            compare(args.a, args.b)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

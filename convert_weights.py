@@ -73,12 +73,24 @@ def from_meta(src: Path):
 
 
 # ---- Hugging Face: config.json + safetensors or pytorch_model.bin (single or sharded) ---------
-HF_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output",
-            "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+HF_TOP = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+HF_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-            "post_attention_layernorm": "ffn_norm", "model.layers": "layers"}
+            "post_attention_layernorm": "ffn_norm"}
+
+
+def rename(key: str, top: dict, layer: dict, prefix_from: str, prefix_to: str):
+    """One tensor name to the other convention: `top` for whole-model tensors, `layer` inside
+    layer i ("{prefix}{i}.{module}.weight")."""
+    module, _, kind = key.rpartition(".")
+    if module in top:
+        return f"{top[module]}.{kind}"
+    i, _, sub = module.removeprefix(prefix_from).partition(".")
+    if not module.startswith(prefix_from) or sub not in layer:
+        raise UserError(f"unexpected tensor {key}")
+    return f"{prefix_to}{i}.{layer[sub]}.{kind}"
 
 
 def unpermute(w, n_heads: int):
@@ -86,6 +98,46 @@ def unpermute(w, n_heads: int):
     Meta's interleaved pairs; n_heads is the key/value head count for wk (GQA-safe)."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute(w, n_heads: int):
+    """Meta's interleaved q/k rows to Hugging Face's halves: the inverse of `unpermute`."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf(args: ModelArgs, state: dict, src: Path, out: Path):
+    """Write our tensors as a Hugging Face LlamaForCausalLM checkpoint (config.json + safetensors).
+    A merged Aligner's wo bias needs attention_bias=True, which gives q/k/v/o a bias each in every
+    layer: those the merge did not make are written as zeros."""
+    from safetensors.torch import save_file
+
+    top, layer = ({v: k for k, v in d.items()} for d in (HF_TOP, HF_LAYER))
+    hf = {}
+    for key, tensor in state.items():
+        name = rename(key, top, layer, "layers.", "model.layers.")
+        if key.endswith("attention.wq.weight"):
+            tensor = permute(tensor, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            tensor = permute(tensor, args.n_kv_heads)
+        hf[name] = tensor.contiguous()
+    if args.wo_bias_from >= 0:
+        dtype = state["tok_embeddings.weight"].dtype
+        kv = args.n_kv_heads * args.head_dim
+        for i in range(args.n_layers):
+            for proj, size in (("q_proj", args.dim), ("k_proj", kv), ("v_proj", kv), ("o_proj", args.dim)):
+                hf.setdefault(f"model.layers.{i}.self_attn.{proj}.bias", torch.zeros(size, dtype=dtype))
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else {}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+              "attention_bias": args.wo_bias_from >= 0, "mlp_bias": False, "hidden_act": "silu",
+              "bos_token_id": tok_cfg.get("bos_id"), "eos_token_id": tok_cfg.get("eos_id"),
+              "torch_dtype": str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")}
+    save_file(hf, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def from_hf(src: Path):
@@ -105,9 +157,7 @@ def from_hf(src: Path):
     for name, tensor in _hf_tensors(src).items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
-        ours = name
-        for theirs, mine in HF_NAMES.items():
-            ours = ours.replace(theirs, mine)
+        ours = rename(name, HF_TOP, HF_LAYER, "model.layers.", "layers.")
         if ours.endswith("attention.wq.weight"):
             tensor = unpermute(tensor, n_heads)
         elif ours.endswith("attention.wk.weight"):

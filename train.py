@@ -158,9 +158,12 @@ def collate_for(args, examples, pad_id, device):
 
 # ---- DPO: value alignment on preference pairs ---------------------------------------------------
 def load_dpo_data(path, tok, max_len, template):
+    return dpo_pairs(read_records(path, ("instruction", "chosen", "rejected")), tok, max_len, template, path)
+
+
+def dpo_pairs(records, tok, max_len, template, path="data"):
     """(chosen ids, labels, rejected ids, labels, prompt) per usable record of {instruction,
     input, chosen, rejected}; pairs whose answers are identical teach nothing and are skipped."""
-    records = read_records(path, ("instruction", "chosen", "rejected"))
     pairs, truncated, dropped = [], 0, 0
     for i, r in enumerate(records):
         if not r["chosen"].strip() or not r["rejected"].strip():
@@ -292,8 +295,19 @@ def train(args):
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     sample_prompt = (val or train_set)[0][-1]  # a fixed held-out prompt, answered at each eval
+    def evaluate():
+        if not val:
+            return
+        val_loss = estimate_loss(forward, aligner, val, args, pad_id, device, loss_fn)
+        log({"step": step, "val_loss": val_loss,
+             **{f"val_{k}": v for k, v in getattr(loss_fn, "pop_stats", dict)().items()}})
+        text = tok.decode(generate(model, tok.encode(sample_prompt), aligner, 40, 0.0, eos_id=tok.eos_id))
+        bar.write(f"step {step}: val loss {val_loss:.4f} | sample: {text.strip()[:200]!r}")
+
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=args.quiet)
     t0, tokens_seen = time.time(), 0
+    if args.eval_every and resume is None:
+        evaluate()  # the starting point: the base model, or the --init Aligner
     try:
         while step < total and not interrupted:
             if args.max_time and time.time() - t0 > args.max_time:
@@ -323,12 +337,8 @@ def train(args):
             bar.update()
             log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": round(tok_s, 1),
                  "time_s": round(time.time() - t0, 2), **getattr(loss_fn, "pop_stats", dict)()})
-            if args.eval_every and (step % args.eval_every == 0 or step == total) and val:
-                val_loss = estimate_loss(forward, aligner, val, args, pad_id, device, loss_fn)
-                log({"step": step, "val_loss": val_loss,
-                     **{f"val_{k}": v for k, v in getattr(loss_fn, "pop_stats", dict)().items()}})
-                text = tok.decode(generate(model, tok.encode(sample_prompt), aligner, 40, 0.0, eos_id=tok.eos_id))
-                bar.write(f"step {step}: val loss {val_loss:.4f} | sample: {text.strip()[:200]!r}")
+            if args.eval_every and (step % args.eval_every == 0 or step == total):
+                evaluate()
             if args.save_every and step % args.save_every == 0:
                 save()
     finally:

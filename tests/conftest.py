@@ -17,21 +17,21 @@ from convert_weights import convert  # noqa: E402
 TINY_VOCAB = 320  # byte-level BPE: 256 bytes + a few merges + specials
 
 
-def hf_config(gqa=True, tied=False, vocab=TINY_VOCAB, layers=4):
+def hf_config(gqa=True, tied=False, vocab=TINY_VOCAB, layers=4, dim=64):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+    return LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=dim * 3 // 2, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2 if gqa else 4,
                        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
                        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
 
 
-def make_hf_model(gqa=True, tied=False, seed=0, vocab=TINY_VOCAB, layers=4):
+def make_hf_model(gqa=True, tied=False, seed=0, vocab=TINY_VOCAB, layers=4, dim=64):
     """A random LlamaForCausalLM with non-trivial norms (ones would hide a missing norm)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    m = LlamaForCausalLM(hf_config(gqa, tied, vocab, layers)).eval()
+    m = LlamaForCausalLM(hf_config(gqa, tied, vocab, layers, dim)).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.08)
@@ -54,9 +54,9 @@ def make_tokenizer_json(path: Path):
     (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
 
 
-def make_model_dir(tmp: Path, gqa=True, tied=False, seed=0, layers=4):
+def make_model_dir(tmp: Path, gqa=True, tied=False, seed=0, layers=4, dim=64):
     """(transformers model, our converted directory) for one tiny random configuration."""
-    m = make_hf_model(gqa, tied, seed, layers=layers)
+    m = make_hf_model(gqa, tied, seed, layers=layers, dim=dim)
     src = tmp / "hf"
     m.save_pretrained(src)
     make_tokenizer_json(src)
