@@ -107,11 +107,19 @@ def permute(w, n_heads: int):
 
 
 def to_hf(args: ModelArgs, state: dict, src: Path, out: Path):
-    """Write our tensors as a Hugging Face LlamaForCausalLM checkpoint (config.json + safetensors).
-    A merged Aligner's wo bias needs attention_bias=True, which gives q/k/v/o a bias each in every
-    layer: those the merge did not make are written as zeros."""
+    """Write our tensors as a Hugging Face LlamaForCausalLM checkpoint (config.json + safetensors)."""
     from safetensors.torch import save_file
 
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else {}
+    hf, config = hf_state(args, state, tok_cfg.get("bos_id"), tok_cfg.get("eos_id"))
+    save_file(hf, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def hf_state(args: ModelArgs, state: dict, bos_id=None, eos_id=None):
+    """(tensors, config.json dict) of a Hugging Face LlamaForCausalLM equal to our model. A merged
+    Aligner's wo bias needs attention_bias=True, which gives q/k/v/o a bias each in every layer:
+    those the merge did not make are zeros."""
     top, layer = ({v: k for k, v in d.items()} for d in (HF_TOP, HF_LAYER))
     hf = {}
     for key, tensor in state.items():
@@ -127,17 +135,15 @@ def to_hf(args: ModelArgs, state: dict, src: Path, out: Path):
         for i in range(args.n_layers):
             for proj, size in (("q_proj", args.dim), ("k_proj", kv), ("v_proj", kv), ("o_proj", args.dim)):
                 hf.setdefault(f"model.layers.{i}.self_attn.{proj}.bias", torch.zeros(size, dtype=dtype))
-    tok_cfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else {}
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
               "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
               "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
               "attention_bias": args.wo_bias_from >= 0, "mlp_bias": False, "hidden_act": "silu",
-              "bos_token_id": tok_cfg.get("bos_id"), "eos_token_id": tok_cfg.get("eos_id"),
+              "bos_token_id": bos_id, "eos_token_id": eos_id,
               "torch_dtype": str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")}
-    save_file(hf, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return hf, config
 
 
 def from_hf(src: Path):

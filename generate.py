@@ -87,7 +87,7 @@ def sample(logits, temperature: float, top_k: int, top_p: float):
 def generate(model: Transformer, prompt_ids: list, aligner=None, max_new_tokens=100,
              temperature=0.7, top_k=200, top_p=1.0, eos_id=None, step=None):
     """Yield new token ids one at a time. `step` is model's forward, or a compiled copy of it."""
-    step = step or model
+    step = model if step is None else step
     device = model.output.weight.device
     n = len(prompt_ids)
     if n >= model.args.max_seq_len:
@@ -137,6 +137,7 @@ def load_for_generation(args):
         raise UserError(f"the adapter's base model {base} is not there: pass --model DIR")
     path = model_dir(base)
     model = load_model(path, device, pick_dtype(args.dtype, device))
+    model.use_sdpa(args.sdpa)
     if aligner is not None:
         aligner.check_fits(model.args, str(path))
         aligner.to(device)
@@ -165,6 +166,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on cuda, float32 elsewhere")
     p.add_argument("--compile", action="store_true", help="torch.compile the single-token step")
+    p.add_argument("--sdpa", action="store_true", help="causal attention through scaled_dot_product_attention")
     args = p.parse_args(argv)
     try:
         if args.compare and not args.adapter:

@@ -67,8 +67,8 @@ CONFIGS = {  # named sizes; convert_weights.py reads the real ones from the chec
     "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
                               hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192,
                               tie_embeddings=True),
-    "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96,
-                      max_seq_len=256),
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=1024, hidden_dim=768,
+                      max_seq_len=1024),
 }
 
 
@@ -79,26 +79,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # (..., D) in fp32, as Meta does
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., D)
-        return xf.type_as(x) * self.weight  # (..., D)
+        # x / sqrt(mean(x^2) + eps), in fp32 as Meta does, then back to x's dtype, times the weight
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight  # (..., D)
 
 
 def rope(pos, head_dim: int, theta: float):
-    """cos, sin of the rotation angle pos * theta^(-2i/E), each (T, 1, E/2), in fp32.
-
+    """cos and signed sin of the angles pos * theta^(-2i/E), each (T, 1, E), fp32, laid out for
+    Meta's interleaved pairs: rotating (x0, x1) gives (x0 cos - x1 sin, x1 cos + x0 sin).
     Computed from positions on every call (it is tiny), so no buffer can be rounded by .to(bf16)."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)  # (E/2,)
     angle = pos.float()[:, None] * inv_freq[None, :]  # (T, E/2)
-    return angle.cos()[:, None, :], angle.sin()[:, None, :]  # (T, 1, E/2) twice
+    cos = angle.cos().repeat_interleave(2, -1)  # (T, E): cos, cos for each pair
+    sin = torch.stack((-angle.sin(), angle.sin()), -1).flatten(-2)  # (T, E): -sin, +sin for each pair
+    return cos[:, None, :], sin[:, None, :]  # (T, 1, E) each
 
 
 def apply_rope(x, cos, sin):
-    """Rotate consecutive pairs (x0, x1) of the head width: Meta's interleaved layout."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, heads, E/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, heads, E/2) each
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, heads, E/2, 2)
-    return out.flatten(-2).type_as(x)  # (B, T, heads, E)
+    """Rotate each consecutive pair (x0, x1) of the head width by its angle."""
+    xf = x.float()  # (B, T, heads, E)
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, T, heads, E): (x1, x0) pairs
+    return (xf * cos + swapped * sin).type_as(x)  # (B, T, heads, E)
 
 
 class KVCache(nn.Module):
@@ -132,6 +132,7 @@ class Attention(nn.Module):
         has_bias = 0 <= args.wo_bias_from <= layer_id
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=has_bias)
         self.cache = None  # a KVCache while decoding
+        self.sdpa = False  # True: the causal part through F.scaled_dot_product_attention (same result)
 
     def prefix_kv(self, tokens, dtype):
         """The Aligner tokens through this layer's frozen wk, wv: no norm, and no RoPE."""
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         pv = self.wv(tokens).view(n, self.n_kv_heads, self.head_dim)  # (N, K, E)
         return pk, pv
 
-    def forward(self, x, pos, cos, sin, prefix=None):
+    def forward(self, x, pos, rope, mask, prefix=None):
         # Legend: b batch, t query positions, s key positions, k key/value heads,
         # g query heads per key/value head (H = K * G), e head width, n Aligner tokens.
         b, t, _ = x.shape
@@ -150,15 +151,19 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, self.n_heads, e)  # (b, t, h, e)
         k = self.wk(x).view(b, t, k_heads, e)  # (b, t, k, e)
         v = self.wv(x).view(b, t, k_heads, e)  # (b, t, k, e)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # positions enter here only
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # positions enter here only
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)  # (b, s, k, e): every cached position
         q = q.view(b, t, k_heads, g, e)  # grouped-query: query head h = kv head * g + group index
-        # causal attention
-        scores = torch.einsum("btkge,bske->bkgts", q, k) / math.sqrt(e)  # (b, k, g, t, s)
-        visible = pos[:, None] >= torch.arange(k.shape[1], device=x.device)[None, :]  # (t, s)
-        scores = scores.float().masked_fill(~visible, float("-inf"))  # (b, k, g, t, s) fp32
-        y = torch.einsum("bkgts,bske->btkge", scores.softmax(-1).type_as(q), v)  # (b, t, k, g, e)
+        # causal attention; mask (t, s) is 0 where key s is visible from query t, else -inf
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q.flatten(2, 3).transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), mask.type_as(q), enable_gqa=True)
+            y = y.transpose(1, 2).view(b, t, k_heads, g, e)  # (b, t, k, g, e)
+        else:
+            scores = torch.einsum("btkge,bske->bkgts", q, k) / math.sqrt(e)  # (b, k, g, t, s)
+            att = (scores.float() + mask).softmax(-1).type_as(q)  # (b, k, g, t, s), softmax in fp32
+            y = torch.einsum("bkgts,bske->btkge", att, v)  # (b, t, k, g, e)
         # Aligner: the shared tokens, with a softmax of their own, gated per head
         if prefix is not None:
             tokens, gate = prefix  # (n, D), (h,)
@@ -189,8 +194,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, pos, cos, sin, prefix=None):
-        h = x + self.attention(self.attention_norm(x), pos, cos, sin, prefix)  # (B, T, D)
+    def forward(self, x, pos, rope, mask, prefix=None):
+        h = x + self.attention(self.attention_norm(x), pos, rope, mask, prefix)  # (B, T, D)
         return h + self.feed_forward(self.ffn_norm(h))  # (B, T, D)
 
 
@@ -211,15 +216,25 @@ class Transformer(nn.Module):
         the tokens sit in the sequence; without one they are the whole sequence from 0."""
         if pos is None:
             pos = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
-        cos, sin = rope(pos, self.args.head_dim, self.args.rope_theta)  # (T, 1, E/2) each
+        cache = self.layers[0].attention.cache
+        n_keys = cache.k.shape[1] if cache is not None else tokens.shape[1]  # S
+        visible = pos[:, None] >= torch.arange(n_keys, device=tokens.device)  # (T, S) causal
+        mask = torch.zeros(visible.shape, device=tokens.device).masked_fill(~visible, float("-inf"))  # (T, S)
+        cos_sin = rope(pos, self.args.head_dim, self.args.rope_theta)  # (T, 1, E) each
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             prefix = aligner.prompt(i) if aligner is not None else None  # None below start_layer
             if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, pos, cos, sin, prefix, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, pos, cos_sin, mask, prefix, use_reentrant=False)
             else:
-                h = layer(h, pos, cos, sin, prefix)  # (B, T, D)
+                h = layer(h, pos, cos_sin, mask, prefix)  # (B, T, D)
         return self.output(self.norm(h)).float()  # (B, T, vocab)
+
+    def use_sdpa(self, on: bool = True):
+        """Route the causal attention through F.scaled_dot_product_attention (fused kernels) instead
+        of the einsum lines; the Aligner path stays einsum. tests/ check that both agree."""
+        for layer in self.layers:
+            layer.attention.sdpa = on
 
     @torch.no_grad()
     def setup_cache(self, batch: int, max_len: int, aligner=None):

@@ -301,3 +301,19 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_pair):
               "<|im_start|>user\nhi<|im_end|>", "  leading spaces", "numbers 12345 3.14159"]:
         assert tok.encode(s) == hf_tok(s).input_ids, s
         assert tok.decode(tok.encode(s)) == s.replace("<|im_start|>", "").replace("<|im_end|>", "")
+
+
+def test_sdpa_path_equals_einsum_path(tiny):
+    _, path = tiny
+    model = load_model(path)
+    aligner = nonzero_aligner(model.args, 3)
+    x = tokens()
+    with torch.no_grad():
+        einsum = model(x, aligner)
+        model.use_sdpa()
+        fused = model(x, aligner)
+        model.setup_cache(1, 12, aligner)
+        steps = [model(x[:1, i:i + 1], aligner, torch.tensor([i]))[0, 0] for i in range(12)]
+        model.clear_cache()
+    torch.testing.assert_close(fused, einsum, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(steps), einsum[0, :12], atol=1e-5, rtol=0)
