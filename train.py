@@ -19,12 +19,14 @@ Read next: generate.py, then aligner.py's `merge` and `inspect`.
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -217,22 +219,55 @@ class DPOLoss:
         return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
 
 
+# ---- several processes (torchrun) -----------------------------------------------------------------
+def setup_distributed(args):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL
+    on GPUs, gloo on CPUs. Every rank holds the frozen base (or its shard, with --shard) and the
+    same tiny Aligner; each takes its share of every optimizer step's micro-batches."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(args.device)
+    if world == 1:
+        if args.shard:
+            raise UserError("--shard splits the model across processes: start with torchrun --nproc_per_node K")
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_sum(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 def train(args):
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(args)
+    say = print if rank == 0 else (lambda *a, **k: None)  # only rank 0 talks, logs and saves
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     metrics_path = out.with_suffix(".metrics.jsonl")
-    if args.micro_batch_size < 1 or args.batch_size % args.micro_batch_size:
+    if args.micro_batch_size < 1 or args.batch_size % (args.micro_batch_size * world):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                        f"{args.micro_batch_size}")
+                        f"{args.micro_batch_size} times the {world} process(es)")
     resume = Aligner.load(out) if args.resume else None
     out.parent.mkdir(parents=True, exist_ok=True)
     path = model_dir(args.model)
     model = load_model(path, device, dtype)
     model.activation_checkpointing = args.activation_checkpointing
     model.use_sdpa(args.sdpa)
+    if args.shard:  # FSDP2: each rank keeps 1/world of every layer, gathered just in time
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     tok = Tokenizer(path)
     template = "raw" if args.raw else "alpaca"
     if args.dpo:
@@ -270,28 +305,32 @@ def train(args):
     steps_per_epoch = max(1, len(train_set) // args.batch_size)
     total = args.max_steps or args.epochs * steps_per_epoch
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_epochs * steps_per_epoch)
-    accum = args.batch_size // args.micro_batch_size
+    accum = args.batch_size // args.micro_batch_size  # micro-batches per step, over all ranks together
     pad_id = tok.eos_id if tok.eos_id is not None else 0
 
     n_base = sum(p.numel() for p in model.parameters())
-    print(f"model {path} ({n_base / 1e6:.1f}M parameters, frozen) on {device}, {str(dtype).removeprefix('torch.')}")
-    print(f"Aligner: {aligner.n_tokens} token(s){' per layer' if aligner.per_layer else ''}, layers "
+    say(f"model {path} ({n_base / 1e6:.1f}M parameters, frozen) on {device}, {str(dtype).removeprefix('torch.')}")
+    say(f"Aligner: {aligner.n_tokens} token(s){' per layer' if aligner.per_layer else ''}, layers "
           f"{aligner.start_layer}..{model.args.n_layers - 1}: {aligner.n_params():,} trainable parameters")
-    print(f"data {args.data}: {len(train_set)} train, {len(val)} validation examples; {truncated} "
+    say(f"data {args.data}: {len(train_set)} train, {len(val)} validation examples; {truncated} "
           f"truncated to {args.max_seq_len} tokens, {dropped} dropped (no response token left)")
-    print(f"{total} optimizer steps of {args.batch_size} examples ({accum} x {args.micro_batch_size}), "
-          f"warmup {warmup}, lr {args.lr} {args.schedule}")
+    say(f"{total} optimizer steps of {args.batch_size} examples ({accum} x {args.micro_batch_size}), "
+          f"warmup {warmup}, lr {args.lr} {args.schedule}{f', {world} processes' if world > 1 else ''}")
 
     def save():
+        if rank > 0:
+            return
         atomic_save({"aligner": aligner.to_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}},
                     out)
 
     def log(row):
+        if rank > 0:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    if resume is None:
+    if resume is None and rank == 0:
         metrics_path.write_text("")  # a fresh run starts a fresh metrics file; --resume appends
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
@@ -302,30 +341,37 @@ def train(args):
         val_loss = estimate_loss(forward, aligner, val, args, pad_id, device, loss_fn)
         log({"step": step, "val_loss": val_loss,
              **{f"val_{k}": v for k, v in getattr(loss_fn, "pop_stats", dict)().items()}})
-        text = tok.decode(generate(model, tok.encode(sample_prompt), aligner, 40, 0.0, eos_id=tok.eos_id))
-        bar.write(f"step {step}: val loss {val_loss:.4f} | sample: {text.strip()[:200]!r}")
+        if rank == 0 and not args.shard:  # a sharded model decodes only with every rank: no sample
+            text = tok.decode(generate(model, tok.encode(sample_prompt), aligner, 40, 0.0, eos_id=tok.eos_id))
+            bar.write(f"step {step}: val loss {val_loss:.4f} | sample: {text.strip()[:200]!r}")
 
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=args.quiet)
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=args.quiet or rank > 0)
     t0, tokens_seen = time.time(), 0
     if args.eval_every and resume is None:
         evaluate()  # the starting point: the base model, or the --init Aligner
     try:
-        while step < total and not interrupted:
-            if args.max_time and time.time() - t0 > args.max_time:
-                bar.write(f"stopping at step {step}: --max-time {args.max_time}s reached")
+        while step < total:
+            out_of_time = bool(args.max_time) and time.time() - t0 > args.max_time
+            if all_sum(float(bool(interrupted) or out_of_time), world, device) > 0:  # all ranks agree
+                if out_of_time:
+                    bar.write(f"stopping at step {step}: --max-time {args.max_time}s reached")
                 break
             lr = get_lr(step, args, total, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = batch_indices(len(train_set), args.batch_size, step, args.seed)
             loss_sum = 0.0
-            for m in range(accum):
+            for m in range(rank, accum, world):  # this rank's share of the step
                 micro = [train_set[i] for i in idx[m * args.micro_batch_size: (m + 1) * args.micro_batch_size]]
                 batch = collate_for(args, micro, pad_id, device)
                 loss = loss_fn(forward, aligner, *batch) / accum  # the mean over the accumulated micro-batches
                 loss.backward()
                 loss_sum += loss.item()
-                tokens_seen += batch[0].numel()
+                tokens_seen += batch[0].numel() * world
+            if world > 1:  # gradients summed over ranks: the same step a single process takes
+                for p in aligner.parameters():
+                    dist.all_reduce(p.grad)
+                loss_sum = all_sum(loss_sum, world, device)
             if not math.isfinite(loss_sum):
                 bar.close()
                 raise UserError(f"loss became {loss_sum} at step {step}: stopped; {out} keeps the last "
@@ -346,7 +392,9 @@ def train(args):
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
     save()
-    print(f"{'interrupted: ' if interrupted else ''}saved {out} at step {step} "
+    if world > 1:
+        dist.destroy_process_group()
+    say(f"{'interrupted: ' if interrupted else ''}saved {out} at step {step} "
           f"({aligner.n_params():,} parameters); metrics in {metrics_path}")
     if interrupted:
         sys.exit(130)
@@ -391,6 +439,7 @@ def parser():
     a("--sdpa", action="store_true", help="causal attention through scaled_dot_product_attention (faster, same result)")
     a("--activation-checkpointing", action="store_true",
       help="recompute each layer's activations in backward: far less memory, about a third more time")
+    a("--shard", action="store_true", help="under torchrun: shard the frozen base across processes (FSDP2)")
     a("--dpo", action="store_true", help="Direct Preference Optimization on {chosen, rejected} pairs")
     a("--beta", type=float, default=0.1, help="DPO temperature beta")
     a("--quiet", action="store_true", help="no progress bar")
