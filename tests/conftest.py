@@ -14,7 +14,16 @@ sys.path.insert(0, str(ROOT))
 
 from convert_weights import convert  # noqa: E402
 
-TINY_VOCAB = 320  # byte-level BPE: 256 bytes + a few merges + specials
+TINY_VOCAB = 320
+OFFICIAL = ROOT.parent / "shared" / "official_aligner"  # the released Aligner files, beside the checkout
+
+
+def official(pattern: str) -> Path:
+    """The first released Aligner file matching `pattern`; the test is skipped where they are absent."""
+    files = sorted(OFFICIAL.glob(pattern))
+    if not files:
+        pytest.skip(f"no {pattern} in {OFFICIAL} (the official Aligner samples lie beside the checkout in CI)")
+    return files[0]  # byte-level BPE: 256 bytes + a few merges + specials
 
 
 def hf_config(gqa=True, tied=False, vocab=TINY_VOCAB, layers=4, dim=64):

@@ -3,7 +3,8 @@ Hugging Face export read back by transformers, and the tools on our and the offi
 import pytest
 import torch
 from conftest import ROOT, make_model_dir
-from test_model import OFFICIAL, assert_clean_error, nonzero_aligner, run_cli, tokens
+from conftest import official
+from test_model import assert_clean_error, nonzero_aligner, run_cli, tokens
 
 from aligner import Aligner, merge
 from model import load_model
@@ -68,8 +69,8 @@ def test_compare_our_and_official_files(tmp_path, tiny):
     _, a, file = saved_adapter(path, tmp_path)
     r = run_cli("aligner.py", "compare", str(file), str(file))
     assert r.returncode == 0 and "cosine +1.0000" in r.stdout and "exactly equal numbers 100.0%" in r.stdout
-    sft = next(OFFICIAL.glob("aligner1Token-llama2-7B-lr*"))
-    dpo = next(OFFICIAL.glob("aligner1token-llama2-7B-DPO*"))
+    sft = official("aligner1Token-llama2-7B-lr*")
+    dpo = official("aligner1token-llama2-7B-DPO*")
     r = run_cli("aligner.py", "compare", str(sft), str(dpo))
     assert r.returncode == 0 and "tokens  cosine" in r.stdout, r.stderr
     x, y = Aligner.load(sft).tokens.flatten(), Aligner.load(dpo).tokens.flatten()

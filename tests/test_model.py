@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_hf_model, make_model_dir
+from conftest import ROOT, make_hf_model, make_model_dir, official
 
 from aligner import Aligner
 from convert_weights import convert
 from model import CONFIGS, Transformer, UserError, load_model
 
-OFFICIAL = ROOT.parent / "shared" / "official_aligner"
 
 
 def tokens(n=2, t=17, vocab=320, seed=1):
@@ -167,12 +166,11 @@ def test_kv_cache_decoding_equals_full_recompute(tiny, with_aligner):
                                                  ("llama-2-13b", 1, 6640), ("llama-2-13b", 10, 52720)])
 def test_official_checkpoints_import(size, n_tokens, count):
     name = {"llama-2-7b": "7B", "llama-2-13b": "13B"}[size]
-    files = [f for f in OFFICIAL.glob("*.pth") if f"{n_tokens}token-llama2-{name}".lower() in f.name.lower()]
-    assert files, f"no official {size} {n_tokens}-token file in {OFFICIAL}"
-    aligner = Aligner.load(files[0])
+    path = official(f"aligner{n_tokens}[Tt]oken-llama2-{name}-lr*.pth")
+    aligner = Aligner.load(path)
     assert aligner.n_params() == count and aligner.n_tokens == n_tokens and aligner.start_layer == 2
     assert aligner.gates.abs().min(1).values.max() > 0  # real, trained gates
-    sd = torch.load(files[0], map_location="cpu", weights_only=True)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
     torch.testing.assert_close(aligner.tokens, sd["global_value_embedding.weight"].float())
     torch.testing.assert_close(aligner.gates[5], sd["transformer.h.7.attn.gating_factor"].float().flatten())
     with torch.device("meta"):  # the real shapes, no weights needed
@@ -182,10 +180,10 @@ def test_official_checkpoints_import(size, n_tokens, count):
 
 
 def test_inspect_prints_the_counts():
-    out = subprocess.run([sys.executable, "aligner.py", "inspect", str(next(OFFICIAL.glob("aligner1Token-llama2-7B*")))],
+    out = subprocess.run([sys.executable, "aligner.py", "inspect", str(official("aligner1Token-llama2-7B*"))],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "5,056 parameters" in out.stdout and "dim 4096, 32 layers" in out.stdout
-    out = subprocess.run([sys.executable, "aligner.py", "inspect", str(next(OFFICIAL.glob("aligner1Token-llama2-13B*")))],
+    out = subprocess.run([sys.executable, "aligner.py", "inspect", str(official("aligner1Token-llama2-13B*"))],
                          cwd=ROOT, capture_output=True, text=True)
     assert "6,640 parameters" in out.stdout
 
@@ -262,7 +260,7 @@ def test_not_an_adapter(tmp_path):
     assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "text.pth")), "text.pth")
     torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pth")
     assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "other.pth")), "not an Aligner")
-    data = next(OFFICIAL.glob("aligner1Token-llama2-7B*")).read_bytes()
+    data = official("aligner1Token-llama2-7B*").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "cut.pth")), "cut.pth")
 

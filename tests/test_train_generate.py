@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, official
 from test_model import assert_clean_error, run_cli
 
 import train
@@ -203,8 +203,8 @@ def test_other_bad_inputs(tiny, data, tmp_path):
     good = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
     assert_clean_error(run_cli("generate.py", "--adapter", str(tmp_path / "cut.pt"), "--prompt", "x"), "cut.pt")
-    official = next((ROOT.parent / "shared" / "official_aligner").glob("aligner1Token-llama2-7B*"))
-    assert_clean_error(run_cli("generate.py", "--adapter", str(official), "--model", str(path), "--prompt", "x"),
+    official_file = official("aligner1Token-llama2-7B*")
+    assert_clean_error(run_cli("generate.py", "--adapter", str(official_file), "--model", str(path), "--prompt", "x"),
                        "dim 4096")
     assert_clean_error(run_cli("generate.py", "--adapter", str(tmp_path / "ok.pt"), "--prompt", "word " * 300),
                        "context")
