@@ -2,7 +2,7 @@
 Hugging Face export read back by transformers, and the tools on our and the official files."""
 import pytest
 import torch
-from conftest import ROOT, make_model_dir
+from conftest import make_model_dir
 from conftest import official
 from test_model import assert_clean_error, nonzero_aligner, run_cli, tokens
 
