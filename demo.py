@@ -10,23 +10,23 @@
    with the base model and with the Aligner, greedy, and prints how many follow the form, and
    three answers side by side.
 
-Read next: README.md, then model.py.
+Read next: bench.py (speed against the peers), then experiments/form_vs_knowledge.py.
 """
 import argparse
 import importlib.util
 import json
-import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from tqdm import tqdm
 
-import train
-from aligner import Aligner
-from generate import answer, format_prompt, model_dir
-from model import Tokenizer, UserError, load_model
+from cli import run_main
+from convert_weights import model_dir
+from data import format_prompt
+from generate import Sampling, answer
+from model import Tokenizer, load_model
+from train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -46,6 +46,43 @@ def side_by_side(left, right, width=38):
     return "\n".join(f"  {x:<{width}} | {y}" for x, y in zip(a, b))
 
 
+def demo(args):
+    """Train, then answer the held-out instructions with and without the Aligner."""
+    t0 = time.time()
+    follows_form, rule = form_check()
+    path = model_dir(None)
+    model, tok = load_model(path), Tokenizer(path)
+    aligner = train(TrainConfig(data=str(DATA / "form_train.json"), model=str(path), out=args.out,
+                                tokens=args.tokens, batch_size=8, micro_batch_size=8, lr=9e-3,
+                                warmup_steps=10,
+                                schedule="cosine", max_steps=400, max_time=args.seconds, eval_every=50,
+                                eval_batches=2, val_fraction=0.05, save_every=0, seed=args.seed), model)
+    t_train = time.time() - t0
+    held = json.loads((DATA / "form_heldout.json").read_text())[: args.limit]
+    greedy = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=0, seed=args.seed)
+    results = []
+    for r in tqdm(held, desc="held-out answers (base, aligned)", dynamic_ncols=True):
+        prompt = format_prompt(r["instruction"])
+        results.append((r["instruction"], answer(model, tok, prompt, None, greedy).strip(),
+                        answer(model, tok, prompt, aligner, greedy).strip()))
+    report(results, follows_form, rule, aligner)
+    print(f"\ntotal time {time.time() - t0:.0f} s (training {t_train:.0f} s); adapter: {args.out}")
+
+
+def report(results, follows_form, rule, aligner):
+    base = sum(follows_form(b) for _, b, _ in results)
+    aligned = sum(follows_form(a) for _, _, a in results)
+    n = len(results)
+    print(f"\nform check: the answer {rule}")
+    print(f"held-out instructions: {n}")
+    print(f"  base model        {base:3d}/{n} = {100 * base / n:5.1f}% follow the form")
+    print(f"  + {aligner.n_tokens}-token Aligner {aligned:3d}/{n} = {100 * aligned / n:5.1f}% follow the form"
+          f"   ({aligner.n_params():,} trained parameters)")
+    for q, b, a in results[:: max(1, n // 3)][:3]:  # three answers from across the set
+        print(f"\n{q}\n" + side_by_side("BASE: " + b.replace("\n", " / "),
+                                         "ALIGNED: " + a.replace("\n", " / ")))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=300, help="training time budget")
@@ -54,40 +91,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, help="evaluate only the first N held-out instructions")
     p.add_argument("--out", default="runs/demo/aligner.pt", help="where the adapter goes")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
-    args = p.parse_args(argv)
-    t0 = time.time()
-    follows_form, rule = form_check()
-    try:
-        path = model_dir(None)
-        train.main(["--data", str(DATA / "form_train.json"), "--model", str(path), "--out", args.out,
-                    "--tokens", str(args.tokens), "--batch-size", "8", "--micro-batch-size", "8",
-                    "--lr", "9e-3", "--warmup-steps", "10", "--schedule", "cosine", "--max-steps", "400",
-                    "--max-time", str(args.seconds), "--eval-every", "50", "--eval-batches", "2",
-                    "--val-fraction", "0.05", "--save-every", "0", "--seed", str(args.seed)])
-        t_train = time.time() - t0
-        model, tok, aligner = load_model(path), Tokenizer(path), Aligner.load(args.out)
-        held = json.loads((DATA / "form_heldout.json").read_text())[: args.limit]
-        gen = SimpleNamespace(seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                              top_k=0, top_p=1.0)
-        results = []
-        for r in tqdm(held, desc="held-out answers (base, aligned)", dynamic_ncols=True):
-            prompt = format_prompt(r["instruction"])
-            results.append((r["instruction"], answer(model, tok, prompt, None, gen).strip(),
-                            answer(model, tok, prompt, aligner, gen).strip()))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    base = sum(follows_form(b) for _, b, _ in results)
-    aligned = sum(follows_form(a) for _, _, a in results)
-    n = len(results)
-    print(f"\nform check: the answer {rule}")
-    print(f"held-out instructions: {n}")
-    print(f"  base model        {base:3d}/{n} = {100 * base / n:5.1f}% follow the form")
-    print(f"  + 1-token Aligner {aligned:3d}/{n} = {100 * aligned / n:5.1f}% follow the form"
-          f"   ({aligner.n_params():,} trained parameters)")
-    for q, b, a in results[:: max(1, n // 3)][:3]:  # three answers from across the set
-        print(f"\n{q}\n" + side_by_side("BASE: " + b.replace("\n", " / "), "ALIGNED: " + a.replace("\n", " / ")))
-    print(f"\ntotal time {time.time() - t0:.0f} s (training {t_train:.0f} s); adapter: {args.out}")
+    run_main(demo, p.parse_args(argv))
 
 
 if __name__ == "__main__":

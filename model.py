@@ -12,10 +12,13 @@ and adds it to the ordinary causal attention output, before wo:
 
 Everything else is Meta's LLaMA (RMSNorm, interleaved RoPE, SwiGLU, grouped-query
 attention), with Meta's parameter names so that Meta checkpoints load without renaming.
+Shapes: B batch, T positions, S cached positions, D width, H query heads, K key/value heads,
+E head width, N Aligner tokens (lower case inside Attention.forward, where they are einsum letters).
 
 Use: `model = load_model("checkpoints/smollm2-135m-instruct")`, then
-`logits = model(tokens, aligner=None)`; tokens (B, T) -> logits (B, T, vocab).
-Read next: aligner.py (the trainable part), then train.py and generate.py.
+`logits = model(ids, aligner=None)`; token ids (B, T) -> logits (B, T, vocab).
+Read next: cli.py and convert_weights.py (what every command shares, and how checkpoints become
+these tensors: skim them), then aligner.py (the trainable part).
 """
 import json
 import math
@@ -104,21 +107,21 @@ def apply_rope(x, cos, sin):
 class KVCache(nn.Module):
     """Keys and values of the positions seen so far, for decoding one token at a time.
 
-    `prefix` holds this layer's Aligner keys/values, computed once when the cache is set up
+    `prefix_kv` holds this layer's Aligner keys/values, computed once when the cache is set up
     (they do not depend on the input) and reused at every step. Training never uses a cache,
-    so the prefix there is always computed from the current tokens."""
+    so there they are always computed from the Aligner's current tokens."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, max_len, n_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.prefix = None  # (pk, pv), each (N, K, E), or None without an Aligner
+        self.prefix_kv = None  # (pk, pv), each (N, K, E), or None without an Aligner
 
-    def update(self, pos, k, v):
-        b = k.shape[0]
-        self.k[:b, pos] = k  # (B, T, K, E) written at positions pos
-        self.v[:b, pos] = v
+    def update(self, pos, xk, xv):
+        b = xk.shape[0]
+        self.k[:b, pos] = xk  # (B, T, K, E) written at positions pos
+        self.v[:b, pos] = xv
         return self.k[:b], self.v[:b]  # (B, S, K, E) each, S = max_len
 
 
@@ -143,33 +146,33 @@ class Attention(nn.Module):
         return pk, pv
 
     def forward(self, x, pos, rope, mask, prefix=None):
-        # Legend: b batch, t query positions, s key positions, k key/value heads,
-        # g query heads per key/value head (H = K * G), e head width, n Aligner tokens.
+        # Legend: b batch, t query positions, s key positions, h query heads, k key/value heads,
+        # g query heads per key/value head (h = k * g), e head width, n Aligner tokens.
         b, t, _ = x.shape
         k_heads, g, e = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         # QKV
-        q = self.wq(x).view(b, t, self.n_heads, e)  # (b, t, h, e)
-        k = self.wk(x).view(b, t, k_heads, e)  # (b, t, k, e)
-        v = self.wv(x).view(b, t, k_heads, e)  # (b, t, k, e)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # positions enter here only
+        xq = self.wq(x).view(b, t, self.n_heads, e)  # (b, t, h, e)
+        xk = self.wk(x).view(b, t, k_heads, e)  # (b, t, k, e)
+        xv = self.wv(x).view(b, t, k_heads, e)  # (b, t, k, e)
+        xq, xk = apply_rope(xq, *rope), apply_rope(xk, *rope)  # positions enter here only
         if self.cache is not None:
-            k, v = self.cache.update(pos, k, v)  # (b, s, k, e): every cached position
-        q = q.view(b, t, k_heads, g, e)  # grouped-query: query head h = kv head * g + group index
+            xk, xv = self.cache.update(pos, xk, xv)  # (b, s, k, e): every cached position
+        xq = xq.view(b, t, k_heads, g, e)  # grouped-query: query head h = kv head * g + group index
         # causal attention; mask (t, s) is 0 where key s is visible from query t, else -inf
         if self.sdpa:
-            y = F.scaled_dot_product_attention(q.flatten(2, 3).transpose(1, 2), k.transpose(1, 2),
-                                               v.transpose(1, 2), mask.type_as(q), enable_gqa=True)
+            y = F.scaled_dot_product_attention(xq.flatten(2, 3).transpose(1, 2), xk.transpose(1, 2),
+                                               xv.transpose(1, 2), mask.type_as(xq), enable_gqa=True)
             y = y.transpose(1, 2).view(b, t, k_heads, g, e)  # (b, t, k, g, e)
         else:
-            scores = torch.einsum("btkge,bske->bkgts", q, k) / math.sqrt(e)  # (b, k, g, t, s)
-            att = (scores.float() + mask).softmax(-1).type_as(q)  # (b, k, g, t, s), softmax in fp32
-            y = torch.einsum("bkgts,bske->btkge", att, v)  # (b, t, k, g, e)
+            scores = torch.einsum("btkge,bske->bkgts", xq, xk) / math.sqrt(e)  # (b, k, g, t, s)
+            att = (scores.float() + mask).softmax(-1).type_as(xq)  # (b, k, g, t, s), softmax in fp32
+            y = torch.einsum("bkgts,bske->btkge", att, xv)  # (b, t, k, g, e)
         # Aligner: the shared tokens, with a softmax of their own, gated per head
         if prefix is not None:
             tokens, gate = prefix  # (n, D), (h,)
-            pk, pv = self.cache.prefix if self.cache is not None else self.prefix_kv(tokens, x.dtype)
-            p_scores = torch.einsum("btkge,nke->bkgtn", q, pk) / math.sqrt(e)  # (b, k, g, t, n)
-            p_att = p_scores.float().softmax(-1).type_as(q)  # (b, k, g, t, n) over the n tokens
+            pk, pv = self.cache.prefix_kv if self.cache is not None else self.prefix_kv(tokens, x.dtype)
+            p_scores = torch.einsum("btkge,nke->bkgtn", xq, pk) / math.sqrt(e)  # (b, k, g, t, n)
+            p_att = p_scores.float().softmax(-1).type_as(xq)  # (b, k, g, t, n) over the n tokens
             py = torch.einsum("bkgtn,nke->btkge", p_att, pv)  # (b, t, k, g, e)
             y = y + gate.to(y.dtype).view(k_heads, g, 1) * py  # (b, t, k, g, e)
         return self.wo(y.reshape(b, t, -1))  # (b, t, D)
@@ -210,22 +213,27 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.activation_checkpointing = False  # train.py --activation-checkpointing
+        self.cache_aligner = None  # the Aligner whose keys/values the KV caches hold
 
-    def forward(self, tokens, aligner=None, pos=None):
-        """tokens (B, T) -> logits (B, T, vocab). With a cache set up, `pos` (T,) says where
-        the tokens sit in the sequence; without one they are the whole sequence from 0."""
+    def forward(self, ids, aligner=None, pos=None):
+        """Token ids (B, T) -> logits (B, T, vocab). With a cache set up, `pos` (T,) says where
+        the ids sit in the sequence; without one they are the whole sequence from 0."""
         if pos is None:
-            pos = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+            pos = torch.arange(ids.shape[1], device=ids.device)  # (T,)
         cache = self.layers[0].attention.cache
-        n_keys = cache.k.shape[1] if cache is not None else tokens.shape[1]  # S
-        visible = pos[:, None] >= torch.arange(n_keys, device=tokens.device)  # (T, S) causal
-        mask = torch.zeros(visible.shape, device=tokens.device).masked_fill(~visible, float("-inf"))  # (T, S)
+        if cache is not None and aligner is not self.cache_aligner:
+            raise ValueError("the KV cache holds the keys/values of another Aligner (or of none): "
+                             "call setup_cache(batch, max_len, aligner) with the one you decode with")
+        n_keys = cache.k.shape[1] if cache is not None else ids.shape[1]  # S
+        visible = pos[:, None] >= torch.arange(n_keys, device=ids.device)  # (T, S) causal
+        mask = torch.zeros(visible.shape, device=ids.device).masked_fill(~visible, float("-inf"))  # (T, S)
         cos_sin = rope(pos, self.args.head_dim, self.args.rope_theta)  # (T, 1, E) each
-        h = self.tok_embeddings(tokens)  # (B, T, D)
+        h = self.tok_embeddings(ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
-            prefix = aligner.prompt(i) if aligner is not None else None  # None below start_layer
+            prefix = aligner.prefix(i) if aligner is not None else None  # None below start_layer
             if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, pos, cos_sin, mask, prefix, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, pos, cos_sin, mask, prefix,
+                                                      use_reentrant=False)  # (B, T, D)
             else:
                 h = layer(h, pos, cos_sin, mask, prefix)  # (B, T, D)
         return self.output(self.norm(h)).float()  # (B, T, vocab)
@@ -238,16 +246,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def setup_cache(self, batch: int, max_len: int, aligner=None):
-        """Fresh KV caches for one generation, with each layer's Aligner keys/values
-        computed here, once. Call again for every new prompt."""
+        """Fresh KV caches for one generation, with each layer's Aligner keys/values computed
+        here, once. Call again for every new prompt; forward refuses any other Aligner."""
         p = self.output.weight
+        self.cache_aligner = aligner
         for i, layer in enumerate(self.layers):
             attn = layer.attention
             attn.cache = KVCache(batch, max_len, attn.n_kv_heads, attn.head_dim, p.dtype, p.device)
-            prompt = aligner.prompt(i) if aligner is not None else None
-            attn.cache.prefix = attn.prefix_kv(prompt[0], p.dtype) if prompt is not None else None
+            prefix = aligner.prefix(i) if aligner is not None else None
+            attn.cache.prefix_kv = attn.prefix_kv(prefix[0], p.dtype) if prefix is not None else None
 
     def clear_cache(self):
+        self.cache_aligner = None
         for layer in self.layers:
             layer.attention.cache = None
 

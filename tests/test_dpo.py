@@ -13,7 +13,8 @@ from test_train_generate import train_args
 
 import train
 from aligner import Aligner
-from generate import format_prompt
+from data import format_prompt
+from dpo import DPOLoss, collate_pairs, make_pairs
 from model import Tokenizer, load_model
 
 PAIRS = [{"instruction": f"Question {i}?", "chosen": f"yes good {i}", "rejected": f"no bad {i}"} for i in range(32)]
@@ -39,12 +40,10 @@ def test_loss_equals_the_formula(tiny):
     model, tok = load_model(path), Tokenizer(path)
     policy, reference = nonzero_aligner(model.args, 2, seed=1), nonzero_aligner(model.args, 2, seed=2)
     records = [PAIRS[0], {"instruction": "A longer question here?", "chosen": "a much longer chosen answer", "rejected": "x"}]
-    pairs, _, _ = train.dpo_pairs(records, tok, 512, "alpaca")
-    args = train.parser().parse_args(["--data", "x", "--dpo"])
-    batch = train.collate_for(args, pairs, tok.eos_id, "cpu")
-    loss_fn = train.DPOLoss(reference, beta=0.1)
+    batch = collate_pairs(make_pairs(records, tok, 512).examples, tok.eos_id, "cpu")
+    loss_fn = DPOLoss(reference, beta=0.1)
     with torch.no_grad():
-        ours = loss_fn(model, policy, *batch)
+        ours = loss_fn(model, policy, batch)
         direct = torch.stack([direct_dpo_loss(model, tok, policy, reference, r, 0.1) for r in records]).mean()
     assert abs(direct.item() - math.log(2)) > 1e-3  # policy and reference really differ
     torch.testing.assert_close(ours, direct, atol=1e-5, rtol=0)
@@ -54,10 +53,9 @@ def test_first_step_loss_is_log_2(tiny):
     _, path = tiny
     model, tok = load_model(path), Tokenizer(path)
     start = nonzero_aligner(model.args, 1)
-    pairs, _, _ = train.dpo_pairs(PAIRS[:4], tok, 512, "alpaca")
-    args = train.parser().parse_args(["--data", "x", "--dpo"])
-    loss_fn = train.DPOLoss(Aligner.from_dict(start.to_dict()), beta=0.1)
-    loss = loss_fn(model, start, *train.collate_for(args, pairs, tok.eos_id, "cpu"))
+    pairs = make_pairs(PAIRS[:4], tok, 512).examples
+    loss_fn = DPOLoss(Aligner.from_dict(start.to_dict()), beta=0.1)
+    loss = loss_fn(model, start, collate_pairs(pairs, tok.eos_id, "cpu"))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert loss_fn.pop_stats()["reward_accuracy"] == 0.0
 

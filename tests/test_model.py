@@ -280,7 +280,7 @@ def smollm2_pair(smollm2_dir):
 
 
 def test_smollm2_matches_transformers_reading_the_same_gguf(smollm2_pair):
-    from generate import generate
+    from generate import Sampling, generate
 
     ours, tok, hf, hf_tok = smollm2_pair
     x = torch.tensor([tok.encode("The three primary colours are red, yellow and")])
@@ -288,7 +288,7 @@ def test_smollm2_matches_transformers_reading_the_same_gguf(smollm2_pair):
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
     for prompt in ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]:
         ids = tok.encode(prompt)
-        mine = list(generate(ours, ids, max_new_tokens=12, temperature=0, eos_id=tok.eos_id))
+        mine = list(generate(ours, ids, sampling=Sampling(max_new_tokens=12, temperature=0), eos_id=tok.eos_id))
         theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
         assert mine == theirs, prompt
 
@@ -315,3 +315,22 @@ def test_sdpa_path_equals_einsum_path(tiny):
         model.clear_cache()
     torch.testing.assert_close(fused, einsum, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.stack(steps), einsum[0, :12], atol=1e-5, rtol=0)
+
+
+def test_cache_refuses_another_aligner(tiny):
+    """A KV cache holds the Aligner keys/values it was set up with; decoding with any other Aligner
+    (or none) would silently mix two adapters, so forward refuses it."""
+    _, path = tiny
+    model = load_model(path)
+    a, b = nonzero_aligner(model.args, 1, seed=1), nonzero_aligner(model.args, 1, seed=2)
+    with torch.no_grad():
+        model.setup_cache(1, 8, a)
+        model(tokens(1, 3), a, torch.arange(3))  # the one it was set up with
+        for other in (b, None):
+            with pytest.raises(ValueError, match="another Aligner"):
+                model(tokens(1, 1), other, torch.tensor([3]))
+        model.setup_cache(1, 8, None)
+        with pytest.raises(ValueError, match="another Aligner"):
+            model(tokens(1, 1), a, torch.tensor([0]))
+        model.clear_cache()
+        model(tokens(1, 3), b)  # no cache: any Aligner

@@ -13,7 +13,8 @@ from test_model import assert_clean_error, run_cli
 
 import train
 from aligner import Aligner
-from generate import PROMPT_NO_INPUT, format_prompt, generate
+from data import IGNORE, PROMPT_NO_INPUT, encode_example, format_prompt
+from generate import Sampling, generate
 from model import Tokenizer, load_model
 
 RECORDS = [{"instruction": f"Name item {i}.", "input": "" if i % 3 else "a list", "output": f"Item {i} is here."}
@@ -51,21 +52,21 @@ def test_labels_mask_the_prompt(tiny):
     _, path = tiny
     tok = Tokenizer(path)
     prompt = format_prompt("Say hi.")
-    ids, labels, _ = train.encode_example(tok, prompt, "hi there", 512, full_text=False)
+    ids, labels, _ = encode_example(tok, prompt, "hi there", 512, full_text=False)
     n = len(tok.encode(prompt))
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
-    assert labels[:n] == [train.IGNORE] * n and labels[n:] == ids[n:]
-    ids2, labels2, _ = train.encode_example(tok, prompt, "hi there", 512, full_text=True)
+    assert labels[:n] == [IGNORE] * n and labels[n:] == ids[n:]
+    ids2, labels2, _ = encode_example(tok, prompt, "hi there", 512, full_text=True)
     assert labels2 == ids2
-    assert train.encode_example(tok, prompt, "hi there", n, full_text=False) is None  # nothing left to learn
+    assert encode_example(tok, prompt, "hi there", n, full_text=False) is None  # nothing left to learn
 
 
 def test_get_lr_warms_up_in_optimizer_steps():
-    args = train.parser().parse_args(["--data", "x", "--lr", "0.01"])
-    lrs = [train.get_lr(s, args, total_steps=20, warmup_steps=4) for s in range(20)]
+    cfg = train.TrainConfig(data="x", lr=0.01)
+    lrs = [train.get_lr(s, cfg, total_steps=20, warmup_steps=4) for s in range(20)]
     assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01]) and set(lrs[4:]) == {0.01}
-    args.schedule = "cosine"
-    cos = [train.get_lr(s, args, 20, 4) for s in range(20)]
+    cfg.schedule = "cosine"
+    cos = [train.get_lr(s, cfg, 20, 4) for s in range(20)]
     assert cos[4] == pytest.approx(0.01) and cos[-1] < 0.002 and cos == sorted(cos[:4]) + sorted(cos[4:], reverse=True)
 
 
@@ -147,12 +148,13 @@ def test_generate_sampling_is_seeded_and_stops(tiny):
     _, path = tiny
     model = load_model(path)
     torch.manual_seed(0)
-    a = list(generate(model, [1, 5, 6], max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9))
+    hot, greedy_8 = Sampling(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9), Sampling(8, temperature=0)
+    a = list(generate(model, [1, 5, 6], sampling=hot))
     torch.manual_seed(0)
-    b = list(generate(model, [1, 5, 6], max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9))
+    b = list(generate(model, [1, 5, 6], sampling=hot))
     assert a == b and len(a) == 8
-    greedy = list(generate(model, [1, 5, 6], max_new_tokens=8, temperature=0))
-    stop = list(generate(model, [1, 5, 6], max_new_tokens=8, temperature=0, eos_id=greedy[2]))
+    greedy = list(generate(model, [1, 5, 6], sampling=greedy_8))
+    stop = list(generate(model, [1, 5, 6], sampling=greedy_8, eos_id=greedy[2]))
     assert stop == greedy[: greedy.index(greedy[2]) + 1]
 
 
