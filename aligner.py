@@ -19,16 +19,16 @@ Command line:
 Read next: data.py (the instruction data), then generate.py and train.py.
 """
 import argparse
-import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from cli import atomic_save, new_directory, run_main
-from convert_weights import to_hf
-from model import CONFIGS, ModelArgs, UserError
+from cli import (UserError, atomic_save, atomic_write, check_output_dir, check_output_file, new_directory,
+                 run_main)
+from convert_weights import read_official_aligner, read_state, to_hf, write_params
+from model import ModelArgs
 
 FORMAT = "aligner-v1"
 
@@ -82,78 +82,65 @@ class Aligner(nn.Module):
         atomic_save(self.to_dict(), path)
 
     @classmethod
-    def from_dict(cls, d, where="adapter"):
-        c = d["config"]
-        args = ModelArgs(dim=c["dim"], n_layers=c["n_layers"], n_heads=c["n_heads"])
-        meta = {k: v for k, v in c.items()
-                if k not in ("n_tokens", "start_layer", "per_layer", "dim", "n_layers", "n_heads")}
-        aligner = cls(args, c["n_tokens"], c["start_layer"], c["per_layer"], meta)
-        if d["tokens"].shape != aligner.tokens.shape or d["gates"].shape != aligner.gates.shape:
-            raise UserError(f"{where}: tensor shapes do not match its own config; the file is damaged")
-        aligner.load_state_dict({"tokens": d["tokens"].float(), "gates": d["gates"].float()})
-        return aligner
-
-    @classmethod
     def load(cls, path):
         """Our adapter file, a training checkpoint, or an official released Aligner checkpoint."""
-        d = load_file(path)
-        if d.get("format") == FORMAT:
-            return cls.from_dict(d, path)
-        if isinstance(d.get("aligner"), dict) and d["aligner"].get("format") == FORMAT:
-            return cls.from_dict(d["aligner"], path)  # a training checkpoint (train.py --resume)
+        return cls.from_state(load_file(path), path)
+
+    @classmethod
+    def from_state(cls, d: dict, where="adapter"):
+        """The Aligner in a loaded file's dict; anything else, or anything damaged, is a UserError."""
+        if isinstance(d.get("aligner"), dict):
+            d = d["aligner"]  # a training checkpoint (train.py --resume)
+        if isinstance(d.get("format"), str) and d["format"] == FORMAT:
+            return cls.from_dict(d, where)
         if any(isinstance(k, str) and k.endswith("attn.gating_factor") for k in d):
-            return cls.from_official(d, path)
-        raise UserError(f"{path}: this is a PyTorch file but not an Aligner adapter "
+            tokens, gates, start, per_layer = read_official_aligner(d, where)
+            meta = {"source": f"official: {Path(where).name}"}
+            return cls.from_tensors(tokens, gates, start, per_layer, meta, where)
+        raise UserError(f"{where}: this is a PyTorch file but not an Aligner adapter "
                         f"(none of its keys look like one)")
 
     @classmethod
-    def from_official(cls, sd, path="official checkpoint"):
-        """Import the released lit-llama style files: `global_value_embedding.weight` (N, D),
-        per layer `transformer.h.{l}.attn.adapter_wte.weight` (copies of it, or per-layer prompts
-        in older adapters) and `transformer.h.{l}.attn.gating_factor`: (1,H,1,1), (1,1,H,1) or one
-        scalar per layer."""
-        gates, wte = per_layer_tensors(sd, "gating_factor"), per_layer_tensors(sd, "adapter_wte.weight")
-        start, n_layers = min(gates), max(gates) + 1
-        if sorted(gates) != list(range(start, n_layers)):
-            raise UserError(f"{path}: gates are missing for some layers between {start} and {n_layers - 1}")
-        shared = sd.get("global_value_embedding.weight")
-        if shared is None and start not in wte:
-            raise UserError(f"{path}: gates but no Aligner tokens (no global_value_embedding.weight)")
-        per_layer = shared is None and any(not torch.equal(v, wte[start]) for v in wte.values())
-        tokens = torch.stack([wte[l] for l in range(start, n_layers)]) if per_layer else (
-            shared if shared is not None else wte[start])
-        n_tokens, dim = tokens.shape[-2:]
-        n_heads = head_count(gates, dim, n_layers, path)
-        args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads)
-        aligner = cls(args, n_tokens, start, per_layer, {"source": f"official: {Path(path).name}"})
-        g = torch.stack([gates[l].float().flatten().expand(n_heads) for l in range(start, n_layers)])
-        aligner.load_state_dict({"tokens": tokens.float(), "gates": g})  # gates (L - s, H)
+    def from_dict(cls, d: dict, where="adapter"):
+        """Our own format: tokens, gates and a config that must agree with them."""
+        c, keys = d.get("config"), ("n_tokens", "start_layer", "per_layer", "dim", "n_layers", "n_heads")
+        kinds = {k: bool if k == "per_layer" else int for k in keys}
+        if not isinstance(c, dict) or any(type(c.get(k)) is not kind for k, kind in kinds.items()):
+            raise UserError(f"{where}: its config is missing or damaged (it needs whole numbers "
+                            f"{', '.join(keys[:2] + keys[3:])} and per_layer true or false)")
+        meta = {k: v for k, v in c.items() if k not in keys}
+        if any(not isinstance(k, str) or not isinstance(v, (str, int, float, bool)) for k, v in meta.items()):
+            raise UserError(f"{where}: its config holds something other than names and plain values")
+        a = cls.from_tensors(d.get("tokens"), d.get("gates"), c["start_layer"], c["per_layer"], meta, where)
+        if [a.n_tokens, a.start_layer, a.per_layer, a.dim, a.n_layers, a.n_heads] != [c[k] for k in keys]:
+            raise UserError(f"{where}: tensor shapes do not match its own config; the file is damaged")
+        return a
+
+    @classmethod
+    def from_tensors(cls, tokens, gates, start_layer: int, per_layer: bool, meta: dict, where="adapter"):
+        """An Aligner holding these tensors, once they are finite float tensors of agreeing shapes:
+        tokens (N, D), or (L - s, N, D) per layer, and gates (L - s, H)."""
+        for name, t, rank in (("tokens", tokens, 3 if per_layer else 2), ("gates", gates, 2)):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == rank and t.numel()):
+                raise UserError(f"{where}: {name} is not a non-empty float tensor of rank {rank}; the file "
+                                f"is damaged")
+            if not torch.isfinite(t).all():
+                raise UserError(f"{where}: {name} holds NaN or infinite values (from a run that "
+                                f"diverged?); it cannot be used")
+        (n_gated, n_heads), (n_tokens, dim) = gates.shape, tokens.shape[-2:]
+        if per_layer and tokens.shape[0] != n_gated:
+            raise UserError(f"{where}: {tokens.shape[0]} per-layer prompts for {n_gated} gated layers")
+        args = ModelArgs(dim=dim, n_layers=start_layer + n_gated, n_heads=n_heads)
+        aligner = cls(args, n_tokens, start_layer, per_layer, meta)
+        aligner.load_state_dict({"tokens": tokens.float(), "gates": gates.float()})
         return aligner
-
-
-def per_layer_tensors(sd: dict, name: str) -> dict:
-    """{layer: tensor} of the official keys `transformer.h.{layer}.attn.{name}`."""
-    pattern = r"transformer\.h\.(\d+)\.attn\." + re.escape(name)
-    matches = ((re.fullmatch(pattern, k) if isinstance(k, str) else None, v) for k, v in sd.items())
-    return {int(m.group(1)): v for m, v in matches if m}
-
-
-def head_count(gates: dict, dim: int, n_layers: int, path) -> int:
-    """The head count from per-head gates or, for older lit-llama's one scalar per layer, from a
-    known model size."""
-    n_heads = max(g.numel() for g in gates.values())
-    if n_heads > 1:
-        return n_heads
-    sizes = [a for a in CONFIGS.values() if (a.dim, a.n_layers) == (dim, n_layers)]
-    if not sizes:
-        raise UserError(f"{path}: scalar gates and no known model with dim {dim} and "
-                        f"{n_layers} layers, so the head count is unknown")
-    return sizes[0].n_heads
 
 
 def load_file(path):
     """torch.load with weights_only=True (adapter files come from strangers), errors as one line."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the adapter file itself")
     if not path.is_file():
         raise UserError(f"{path} not found")
     try:
@@ -184,6 +171,7 @@ def inspect(path, plot=None):
         out.append(f"  {a.start_layer + i:5d}  {mean:7.4f}  {mx:7.4f}  {'#' * round(30 * mean / top)}")
     print("\n".join(out))
     if plot:
+        check_output_file(plot, [path])
         plot_gates(a, plot)
 
 
@@ -196,21 +184,23 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
     on the attention output of each layer from start_layer on. The merged model computes exactly
     what base + Aligner computes, at exactly the base model's cost. For N > 1 the mixture of the N
     values depends on the query, so no such merge exists."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     a = Aligner.load(adapter)
     if a.n_tokens != 1:
         raise UserError(f"{adapter} has {a.n_tokens} tokens: only a one-token Aligner merges exactly "
                         f"(with N > 1 the prefix softmax weights depend on each query, so the added "
                         f"vector is not a constant); keep using it as an adapter")
-    src = Path(model or a.meta.get("base") or "")
-    if not (src / "params.json").is_file():
-        raise UserError(f"base model directory {src} not found: pass --model DIR")
-    args = ModelArgs.from_json(src / "params.json")
+    if not model and not a.meta.get("base"):
+        raise UserError(f"{adapter} records no base model: pass --model DIR")
+    src = Path(model or a.meta["base"])
+    if not model and not (src / "params.json").is_file():
+        raise UserError(f"{adapter} was trained on {src}, which is not there: pass --model DIR")
+    check_output_dir(out, [src, adapter], force)  # before any work
+    args, state = read_state(src)
     a.check_fits(args, str(src))
     if args.wo_bias_from >= 0:
         raise UserError(f"{src} already has a merged Aligner; merge into the original base model")
-    state = load_file(src / "model.safetensors")
     k_heads, g, e = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
     with torch.no_grad():
         for layer in range(a.start_layer, args.n_layers):
@@ -222,12 +212,12 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
             bias = wo.float() @ per_head.reshape(-1)  # (D,)
             state[f"layers.{layer}.attention.wo.bias"] = bias.to(wo.dtype)
     args.wo_bias_from = a.start_layer
-    with new_directory(out, force) as tmp:
+    with new_directory(out, force, [src, adapter]) as tmp:
         if fmt == "hf":
             to_hf(args, state, src, tmp)
         else:
             save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
-            args.to_json(tmp / "params.json")
+            write_params(args, tmp / "params.json")
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
             if (src / name).is_file() and not (tmp / name).exists():
                 shutil.copy(src / name, tmp / name)
@@ -274,7 +264,7 @@ def plot_gates(a, png):
         axes[0][1].set(title="token cosine similarity", xlabel="token", ylabel="token")
         fig.colorbar(im, ax=axes[0][1])
     fig.tight_layout()
-    fig.savefig(png)
+    atomic_write(png, lambda f: fig.savefig(f, format="png"))
     print(f"wrote {png}")
 
 

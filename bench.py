@@ -167,10 +167,13 @@ def peers(cfg, hf, peft, prompt, device):
         ids = torch.tensor([prompt], device=device)  # (1, P)
         if bare:
             peft.base_model.disable_adapter_layers()
-        n = cfg.new_tokens
+        def n_new():
+            out = hf.generate(ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)  # (1, P + new)
+            return out.shape[1] - len(prompt)
+
         with torch.no_grad():
-            tok_s = timed(device, lambda: len(hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                          eos_token_id=None, pad_token_id=0)[0]) - len(prompt))
+            tok_s = timed(device, n_new)
         if bare:
             peft.base_model.enable_adapter_layers()
         return tok_s

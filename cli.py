@@ -1,12 +1,16 @@
-"""What every command line here shares: flags declared once as config fields, the device and
-dtype choice, writing a file atomically, and bad input reported as one line with exit code 2.
+"""What every command line here shares: flags declared once as config fields and checked where
+they are parsed, the one place that decides whether an output may be written, atomic writes,
+and bad input reported as one line with exit code 2.
 
 A config dataclass (train.TrainConfig, generate.GenerateConfig) declares each flag once, with
 `flag(default, help, type)`; `parse_config` turns the command line into that dataclass, so
-argparse never travels further than `main()`. Not run on its own.
+argparse never travels further than `main()`. The `type` both converts the flag's text and
+refuses impossible values (argparse reports those itself: usage line, "error: ...", exit 2);
+`check_flags` runs the same checks on a config built in Python. Not run on its own.
 Read next: convert_weights.py (skim), then aligner.py.
 """
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -17,9 +21,12 @@ from pathlib import Path
 
 import torch
 
-from model import UserError
+
+class UserError(Exception):
+    """Bad input from the user (a file, a flag): the scripts print it as one line, exit 2."""
 
 
+# ---- flags ---------------------------------------------------------------------------------------
 def flag(default, help: str, type=None, **argparse_options):
     """A config field that is also a command-line flag: its default, its --help text, and the
     argparse `type` that converts (and checks) the string. A bool field becomes a switch."""
@@ -44,6 +51,79 @@ def parse_config(cls, argv, doc: str):
     return cls(**vars(p.parse_args(argv)))
 
 
+def check_flags(config):
+    """Run every field's flag type and choices on its value, so that a config made in Python is
+    refused where the same command line would be."""
+    for f in fields(config):
+        value, check, choices = getattr(config, f.name), f.metadata.get("type"), f.metadata.get("choices")
+        try:
+            if value is not None and check is not None:
+                setattr(config, f.name, check(value))
+            if value is not None and choices and value not in choices:
+                raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {value!r}")
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            raise UserError(f"--{f.name.replace('_', '-')}: {e}") from None
+
+
+def _number(text, kind, ok, what):
+    try:
+        value = kind(text)
+    except (ValueError, TypeError, OverflowError):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text) -> int:
+    return _number(text, int, lambda v: v >= 1, "a whole number >= 1")
+
+
+def count(text) -> int:
+    return _number(text, int, lambda v: v >= 0, "a whole number >= 0")
+
+
+def random_seed(text) -> int:
+    return _number(text, int, lambda v: 0 <= v < 2**31, "a whole number from 0 to 2147483647")
+
+
+def positive_float(text) -> float:
+    return _number(text, float, lambda v: v > 0, "a finite number > 0")
+
+
+def non_negative_float(text) -> float:
+    return _number(text, float, lambda v: v >= 0, "a finite number >= 0")
+
+
+def fraction(text) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
+
+
+def probability(text) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
+
+
+def path_text(text) -> str:
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("must name a file, got an empty string")
+    return str(text)
+
+
+def device_name(text) -> str:
+    """'auto', or a torch device that this machine has."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    have = {"cpu": True, "mps": torch.backends.mps.is_available(),
+            "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}
+    if not have.get(device.type, False):
+        raise argparse.ArgumentTypeError(f"this machine has no {text} device; use auto or cpu")
+    return text
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -58,27 +138,71 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: `path` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+# ---- outputs: checked before any work, written atomically -----------------------------------------
+def same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_writable(out: Path):
+    """The nearest existing folder above `out` is a folder we may write in."""
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: {parent} is a file, not a folder")
+    try:  # a real write, not a permission bit: read-only file systems and /proc answer only to that
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {parent} is not writable ({e.strerror})") from None
+
+
+def check_output_file(out, inputs=(), sibling_suffix=None):
+    """Refuse, before any work, an output file that is a directory, that is (or resolves to) one
+    of the run's input files, or whose sibling (the metrics file) is one. Removes temporary files
+    that a killed run left beside it."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; name a file for the output, e.g. {out / 'aligner.pt'}")
+    for target in [out] + ([out.with_suffix(sibling_suffix)] if sibling_suffix else []):
+        for source in [Path(i) for i in inputs if i]:
+            if same_file(target, source):
+                raise UserError(f"writing {target} would overwrite {source}, an input of this run; "
+                                f"choose another output name")
+    check_writable(out)
+    for stale in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else []:
+        stale.unlink()
+
+
+def check_output_dir(out, sources=(), force=False):
+    """Refuse an output directory that is the current directory or above it, a source of this run
+    or above one, a file, or an existing directory that --force may not replace: --force replaces
+    only a directory this project wrote (one with params.json or config.json)."""
+    out, here = Path(out), Path.cwd().resolve()
+    where = out.resolve()
+    if where == here or where in here.parents:
+        raise UserError(f"{out} is the current directory or one above it; name a new directory")
+    for source in map(Path, sources):
+        if where == source.resolve() or where in source.resolve().parents:
+            raise UserError(f"{out} is where the input {source} lies; name a new directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"{out} exists and is not empty; pass --force to replace it")
+        if not ((out / "params.json").is_file() or (out / "config.json").is_file()):
+            raise UserError(f"{out} is not a model directory (no params.json or config.json): --force "
+                            f"replaces only those; name a new directory")
+    check_writable(out)
 
 
 @contextmanager
-def new_directory(out, force=False):
+def new_directory(out, force=False, sources=()):
     """A fresh temporary directory beside `out` for the block to fill; renamed to `out` when the
     block ends without an error, so a failure never leaves a half-written `out` behind."""
+    check_output_dir(out, sources, force)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp = Path(tmp)
@@ -90,14 +214,34 @@ def new_directory(out, force=False):
         tmp.mkdir()  # for TemporaryDirectory's own cleanup
 
 
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, then rename: `path` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def run_main(fn, *args):
-    """Call fn(*args) the way every script's main() does: a UserError is one line on stderr and
-    exit code 2, Ctrl-C is exit code 130; no traceback for either."""
+    """Call fn(*args) the way every script's main() does: a UserError or a failed read or write is
+    one line on stderr and exit code 2, Ctrl-C is exit code 130; no traceback for any of them."""
     try:
         return fn(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except OSError as e:  # permission denied, read-only file system, disk full, ...
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+    sys.exit(2)

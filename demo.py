@@ -22,10 +22,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cli import run_main
-from convert_weights import model_dir
-from data import format_prompt
+from convert_weights import load_model, model_dir
+from data import Tokenizer, format_prompt
 from generate import Sampling, answer
-from model import Tokenizer, load_model
 from train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from data import IGNORE, Batch, DataSet, Example, collate, encode_example, format_prompt, read_records
-from model import UserError
+from cli import UserError
 
 
 class Pair(NamedTuple):

@@ -17,20 +17,24 @@ from pathlib import Path
 import torch
 
 from aligner import Aligner
-from cli import flag, parse_config, pick_device, pick_dtype, run_main
-from convert_weights import model_dir
-from data import format_prompt
-from model import Tokenizer, Transformer, UserError, load_model
+from cli import (UserError, check_flags, count, device_name, flag, non_negative_float, parse_config,
+                 path_text, pick_device, pick_dtype, positive_int, probability, random_seed, run_main)
+from convert_weights import load_model, model_dir
+from data import Tokenizer, format_prompt, valid_text
+from model import Transformer
 
 
 @dataclass
 class Sampling:
     """How the next token is chosen; the defaults are the official generate/aligner.py's."""
-    max_new_tokens: int = flag(100, "tokens to generate at most", int)
-    temperature: float = flag(0.7, "sampling temperature; 0 means greedy", float)
-    top_k: int = flag(200, "sample among the k most likely tokens (0: all)", int)
-    top_p: float = flag(1.0, "nucleus sampling: smallest set with this much probability", float)
-    seed: int = flag(1337, "random seed, reset for every answer", int)
+    max_new_tokens: int = flag(100, "tokens to generate at most", positive_int)
+    temperature: float = flag(0.7, "sampling temperature; 0 means greedy", non_negative_float)
+    top_k: int = flag(200, "sample among the k most likely tokens (0: all)", count)
+    top_p: float = flag(1.0, "nucleus sampling: smallest set with this much probability", probability)
+    seed: int = flag(1337, "random seed, reset for every answer", random_seed)
+
+    def __post_init__(self):
+        check_flags(self)
 
 
 def sample(logits, s: Sampling):
@@ -93,14 +97,14 @@ def answer(model, tok, text: str, aligner=None, sampling=Sampling(), stream=None
 
 @dataclass
 class GenerateConfig(Sampling):
-    adapter: str = flag(None, "an Aligner file from train.py (or an official checkpoint)")
+    adapter: str = flag(None, "an Aligner file from train.py (or an official checkpoint)", path_text)
     model: str = flag(None, "converted base model directory (default: the adapter's own base, else "
-                            "the embedded SmolLM2-135M-Instruct)")
+                            "the embedded SmolLM2-135M-Instruct)", path_text)
     prompt: list = flag(None, "a prompt (repeatable); default: read stdin, one per line", action="append")
     raw: bool = flag(False, "send prompts as they are, without the Alpaca template")
     no_adapter: bool = flag(False, "answer with the base model alone")
     compare: bool = flag(False, "answer each prompt with the base model and with the adapter")
-    device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device")
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device", device_name)
     dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 elsewhere",
                       choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool = flag(False, "torch.compile the single-token step")
@@ -115,13 +119,16 @@ def load_for_generation(cfg: GenerateConfig):
         aligner = Aligner.load(cfg.adapter)
         template = aligner.meta.get("template", "alpaca")
     base = cfg.model or (aligner.meta.get("base") if aligner else None)
-    if base and not (Path(base) / "params.json").is_file():
-        raise UserError(f"the adapter's base model {base} is not there: pass --model DIR")
+    if base and not cfg.model and not (Path(base) / "params.json").is_file():
+        raise UserError(f"{cfg.adapter} was trained on {base}, which is not there: pass --model DIR")
     path = model_dir(base)
     model = load_model(path, device, pick_dtype(cfg.dtype, device))
     model.use_sdpa(cfg.sdpa)
-    if aligner is not None:
+    if aligner is not None and not cfg.no_adapter:
         aligner.check_fits(model.args, str(path))
+        if model.args.wo_bias_from >= 0:
+            raise UserError(f"{path} already has an Aligner merged into it (aligner.py merge): use it "
+                            f"without --adapter, or pass the original base with --model")
         aligner.to(device)
     return model, Tokenizer(path), aligner, "raw" if cfg.raw else template
 
@@ -131,8 +138,9 @@ def respond(cfg: GenerateConfig):
         raise UserError("--compare needs --adapter FILE")
     model, tok, aligner, template = load_for_generation(cfg)
     forward = torch.compile(model, dynamic=False) if cfg.compile else model
-    prompts = cfg.prompt if cfg.prompt else (line.rstrip("\n") for line in sys.stdin)
-    for text in filter(str.strip, prompts):
+    for text in filter(str.strip, cfg.prompt or stdin_lines()):
+        if not valid_text(text):
+            raise UserError("a prompt is not valid UTF-8 text")
         full = format_prompt(text, template=template)
         if cfg.compare:
             for label, a in (("base", None), ("aligned", aligner)):
@@ -140,6 +148,15 @@ def respond(cfg: GenerateConfig):
                 answer(model, tok, full, a, cfg, sys.stdout, forward)
         else:
             answer(model, tok, full, None if cfg.no_adapter else aligner, cfg, sys.stdout, forward)
+
+
+def stdin_lines():
+    """The lines of standard input, one prompt each; a line that is not UTF-8 is refused."""
+    for n, line in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise UserError(f"standard input, line {n}: not UTF-8 text") from None
 
 
 def main(argv=None):

@@ -15,23 +15,18 @@ attention), with Meta's parameter names so that Meta checkpoints load without re
 Shapes: B batch, T positions, S cached positions, D width, H query heads, K key/value heads,
 E head width, N Aligner tokens (lower case inside Attention.forward, where they are einsum letters).
 
-Use: `model = load_model("checkpoints/smollm2-135m-instruct")`, then
-`logits = model(ids, aligner=None)`; token ids (B, T) -> logits (B, T, vocab).
+Use: `model = Transformer(CONFIGS["tiny"])` (random weights), or a converted checkpoint with
+`convert_weights.load_model(dir)`; then `logits = model(ids, aligner=None)`: token ids (B, T) ->
+logits (B, T, vocab).
 Read next: cli.py and convert_weights.py (what every command shares, and how checkpoints become
 these tensors: skim them), then aligner.py (the trainable part).
 """
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class UserError(Exception):
-    """Bad input from the user (a file, a flag): the scripts print it as one line, exit 2."""
 
 
 @dataclass
@@ -51,14 +46,6 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-    @classmethod
-    def from_json(cls, path):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k in known})
-
-    def to_json(self, path):
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
 CONFIGS = {  # named sizes; convert_weights.py reads the real ones from the checkpoint
@@ -260,74 +247,3 @@ class Transformer(nn.Module):
         self.cache_aligner = None
         for layer in self.layers:
             layer.attention.cache = None
-
-
-def check_shapes(args: ModelArgs, state: dict, where: str):
-    """Every tensor the model expects is there with the shape `args` implies, and no other."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-    if args.tie_embeddings:
-        expected.pop("output.weight")
-    for key in sorted(expected.keys() | state.keys()):
-        got = tuple(state[key].shape) if key in state else None
-        if expected.get(key) != got:
-            raise UserError(f"{where}: tensor {key} is {got or 'missing'}, but params.json "
-                            f"implies {expected.get(key) or 'no such tensor'}")
-
-
-def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """The frozen model in a directory made by convert_weights.py (params.json + model.safetensors)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    for name in ("params.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise UserError(f"{path / name} not found: make the model directory with "
-                            f"`python convert_weights.py SOURCE {path}`")
-    try:
-        args = ModelArgs.from_json(path / "params.json")
-        state = load_file(path / "model.safetensors", device=str(device))
-    except (ValueError, TypeError, SafetensorError, OSError) as e:
-        raise UserError(f"{path}: cannot read the converted checkpoint ({e}); convert it again")
-    check_shapes(args, state, str(path / "model.safetensors"))
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.requires_grad_(False).eval()
-
-
-class Tokenizer:
-    """encode/decode for a converted model directory: sentencepiece (tokenizer.model) or the
-    `tokenizers` library (tokenizer.json), plus tokenizer_config.json with bos_id, eos_id, add_bos."""
-
-    def __init__(self, path):
-        path = Path(path)
-        config = path / "tokenizer_config.json"
-        if not config.is_file():
-            raise UserError(f"{config} not found: this model directory has no tokenizer; convert "
-                            f"a checkpoint that includes one with convert_weights.py")
-        cfg = json.loads(config.read_text())
-        self.bos_id, self.eos_id, self.add_bos = cfg["bos_id"], cfg["eos_id"], cfg["add_bos"]
-        if (path / "tokenizer.model").is_file():
-            import sentencepiece
-
-            sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            self._encode, self._decode = sp.encode, sp.decode
-        elif (path / "tokenizer.json").is_file():
-            import tokenizers
-
-            tk = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-            self._encode = lambda text: tk.encode(text, add_special_tokens=False).ids
-            self._decode = lambda ids: tk.decode(ids, skip_special_tokens=False)
-        else:
-            raise UserError(f"{path}: neither tokenizer.model nor tokenizer.json is there")
-
-    def encode(self, text: str, bos=None, eos=False) -> list:
-        bos = self.add_bos if bos is None else bos
-        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])

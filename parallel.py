@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model import UserError
+from cli import UserError
 
 
 @dataclass
@@ -27,7 +27,15 @@ class Ranks:
 
 def setup(device: torch.device, shard: bool) -> Ranks:
     """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world_text = os.environ.get("WORLD_SIZE", "1")
+    if not world_text.isdigit() or int(world_text) < 1:
+        raise UserError(f"WORLD_SIZE={world_text!r} is not a number of processes: unset it, or start "
+                        f"with torchrun")
+    world = int(world_text)
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if world > 1 and missing:
+        raise UserError(f"WORLD_SIZE={world} is set, but not {', '.join(missing)}: start several processes "
+                        f"with torchrun --nproc_per_node {world} train.py ..., or unset WORLD_SIZE")
     if world == 1:
         if shard:
             raise UserError("--shard splits the model across processes: start with torchrun "

@@ -28,44 +28,49 @@ from tqdm import tqdm
 
 import parallel
 from aligner import Aligner, load_file
-from cli import atomic_save, flag, parse_config, pick_device, pick_dtype, run_main
-from convert_weights import model_dir
-from data import IGNORE, Batch, collate, batch_indices, load_examples, split
+from cli import (UserError, atomic_save, check_flags, check_output_file, count, device_name, flag, fraction,
+                 non_negative_float, parse_config, path_text, pick_device, pick_dtype, positive_float,
+                 positive_int, random_seed, run_main)
+from convert_weights import DEFAULT_MODEL_DIR, load_model, model_dir
+from data import IGNORE, Batch, Tokenizer, batch_indices, collate, load_examples, split
 from dpo import DPOLoss, load_pairs
 from generate import Sampling, generate
-from model import Tokenizer, Transformer, UserError, load_model
+from model import Transformer
 
 
 @dataclass
 class TrainConfig:
     """One training run; `python train.py --help` lists the same fields as flags."""
-    data: str = flag(None, "Alpaca-style JSON or JSONL file", required=True)
-    model: str = flag(None, "converted base model directory (default: the embedded SmolLM2-135M-Instruct)")
-    out: str = flag("out.pt", "adapter file to write (and to --resume from); metrics go to OUT.metrics.jsonl")
-    tokens: int = flag(1, "number of shared Aligner tokens N", int)
-    start_layer: int = flag(2, "first layer that attends to the Aligner", int)
+    data: str = flag(None, "Alpaca-style JSON or JSONL file", path_text, required=True)
+    model: str = flag(None, "converted base model directory (default: the embedded SmolLM2-135M-Instruct)",
+                      path_text)
+    out: str = flag("out.pt", "adapter file to write (and to --resume from); metrics go to OUT.metrics.jsonl",
+                    path_text)
+    tokens: int = flag(1, "number of shared Aligner tokens N", positive_int)
+    start_layer: int = flag(2, "first layer that attends to the Aligner", count)
     per_layer: bool = flag(False, "one prompt per layer: the LLaMA-Adapter baseline")
-    init: str = flag(None, "start from this adapter (for --dpo: the SFT Aligner, also the reference)")
-    epochs: float = flag(8, "passes over the training data", float)
-    max_steps: int = flag(None, "optimizer steps (overrides --epochs)", int)
-    max_time: float = flag(None, "stop after this many seconds of training (and save)", float)
-    batch_size: int = flag(64, "examples per optimizer step", int)
-    micro_batch_size: int = flag(8, "examples per forward pass (gradient accumulation)", int)
-    lr: float = flag(None, "peak learning rate (default 9e-3; 1e-4 with --dpo)", float)
-    weight_decay: float = flag(0.02, "AdamW weight decay on the Aligner tensors", float)
-    warmup_epochs: float = flag(2, "linear warmup length in epochs", float)
-    warmup_steps: int = flag(None, "linear warmup length in optimizer steps (overrides --warmup-epochs)", int)
+    init: str = flag(None, "start from this adapter (with --dpo: the SFT Aligner, also the reference)",
+                     path_text)
+    epochs: float = flag(8, "passes over the training data", positive_float)
+    max_steps: int = flag(None, "optimizer steps (overrides --epochs)", positive_int)
+    max_time: float = flag(None, "stop after this many seconds of training (and save)", positive_float)
+    batch_size: int = flag(64, "examples per optimizer step", positive_int)
+    micro_batch_size: int = flag(8, "examples per forward pass (gradient accumulation)", positive_int)
+    lr: float = flag(None, "peak learning rate (default 9e-3; 1e-4 with --dpo)", positive_float)
+    weight_decay: float = flag(0.02, "AdamW weight decay on the Aligner tensors", non_negative_float)
+    warmup_epochs: float = flag(2, "linear warmup length in epochs", non_negative_float)
+    warmup_steps: int = flag(None, "linear warmup in optimizer steps (overrides --warmup-epochs)", count)
     schedule: str = flag("constant", "lr after warmup", choices=["constant", "cosine"])
-    max_seq_len: int = flag(512, "truncate examples to this many tokens", int)
+    max_seq_len: int = flag(512, "truncate examples to this many tokens", positive_int)
     full_text: bool = flag(False, "loss on the whole text, as the official data prep (default: the response)")
     raw: bool = flag(False, "no Alpaca template: instruction (+ input) as plain text")
-    val_fraction: float = flag(0.05, "share of the data held out for validation", float)
-    eval_every: int = flag(50, "evaluate every this many steps (0: never)", int)
-    eval_batches: int = flag(4, "micro-batches per validation estimate", int)
-    save_every: int = flag(100, "write the checkpoint every this many steps (0: only at the end)", int)
+    val_fraction: float = flag(0.05, "share of the data held out for validation", fraction)
+    eval_every: int = flag(50, "evaluate every this many steps (0: never)", count)
+    eval_batches: int = flag(4, "micro-batches per validation estimate", positive_int)
+    save_every: int = flag(100, "write the checkpoint every this many steps (0: only at the end)", count)
     resume: bool = flag(False, "continue from the checkpoint at --out")
-    seed: int = flag(1337, "random seed (initialisation, split, batches)", int)
-    device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device")
+    seed: int = flag(1337, "random seed (initialisation, split, batches)", random_seed)
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device", device_name)
     dtype: str = flag("auto", "base model dtype; auto: bfloat16 on cuda, float32 elsewhere",
                       choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool = flag(False, "torch.compile the model's forward")
@@ -74,12 +79,19 @@ class TrainConfig:
                                                  "less memory, about a third more time")
     shard: bool = flag(False, "under torchrun: shard the frozen base across processes (FSDP2)")
     dpo: bool = flag(False, "Direct Preference Optimization on {chosen, rejected} pairs (dpo.py)")
-    beta: float = flag(0.1, "DPO temperature beta", float)
+    beta: float = flag(0.1, "DPO temperature beta", positive_float)
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
+        """Each flag's own check (as the command line does), then the combinations."""
+        check_flags(self)
         if self.lr is None:
             self.lr = 1e-4 if self.dpo else 9e-3
+        if self.batch_size % self.micro_batch_size:
+            raise UserError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
+                            f"{self.micro_batch_size}")
+        if self.resume and not self.out:
+            raise UserError("--resume continues the checkpoint at --out: name it")
 
 
 def get_lr(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> float:
@@ -133,6 +145,9 @@ class Run:
 def setup(cfg: TrainConfig, model=None, params=None) -> Run:
     """Everything the loop needs. `model` (already loaded) and `params` (trained instead of a new
     Aligner) are for callers that bring their own, as the LoRA baseline in experiments/ does."""
+    if cfg.out:  # before any work: --out (and its metrics file) must not be one of the inputs
+        model_files = list(Path(cfg.model or DEFAULT_MODEL_DIR).glob("*"))
+        check_output_file(cfg.out, [cfg.data, cfg.init, *model_files], ".metrics.jsonl")
     torch.manual_seed(cfg.seed)
     ranks = parallel.setup(pick_device(cfg.device), cfg.shard)
     if cfg.micro_batch_size < 1 or cfg.batch_size % (cfg.micro_batch_size * ranks.world):
@@ -142,9 +157,7 @@ def setup(cfg: TrainConfig, model=None, params=None) -> Run:
     path = model_dir(cfg.model)
     model = model or load_base(cfg, path, ranks)
     tok = Tokenizer(path)
-    template = "raw" if cfg.raw else "alpaca"
-    data = (load_pairs(cfg.data, tok, cfg.max_seq_len, template) if cfg.dpo
-            else load_examples(cfg.data, tok, cfg.max_seq_len, template, cfg.full_text))
+    data = load_data(cfg, tok)
     val, train_set = split(data.examples, cfg.val_fraction, cfg.seed)
     aligner = None if params is not None else make_aligner(cfg, model, path, checkpoint).to(ranks.device)
     params = list(aligner.parameters()) if params is None else params
@@ -162,6 +175,13 @@ def setup(cfg: TrainConfig, model=None, params=None) -> Run:
         run.step = checkpoint["step"]
     describe(run, cfg, path, data)
     return run
+
+
+def load_data(cfg: TrainConfig, tok: Tokenizer):
+    template = "raw" if cfg.raw else "alpaca"
+    if cfg.dpo:
+        return load_pairs(cfg.data, tok, cfg.max_seq_len, template)
+    return load_examples(cfg.data, tok, cfg.max_seq_len, template, cfg.full_text)
 
 
 def read_checkpoint(path) -> dict:
@@ -240,6 +260,9 @@ def train_step(run: Run, cfg: TrainConfig):
                         f"good checkpoint (try a lower --lr)")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if not all(torch.isfinite(p).all() for p in run.params):
+        raise UserError(f"the Aligner became NaN or infinite at step {run.step}: stopped; {cfg.out} keeps "
+                        f"the last good checkpoint (try a lower --lr)")
     run.step += 1
     return loss_sum, lr, n_seen
 
@@ -283,8 +306,18 @@ def evaluate(run: Run, cfg: TrainConfig, metrics: Metrics, bar):
 
 def save(run: Run, cfg: TrainConfig):
     """The checkpoint at --out, atomically: the Aligner (what generate.py reads), the optimizer
-    state and the step (what --resume reads), and the config."""
-    if run.ranks.rank == 0 and cfg.out and run.aligner is not None:
+    state and the step (what --resume reads), and the config. Only an Aligner whose loss on a
+    training batch is finite is written: --out always holds the last good one."""
+    if not cfg.out or run.aligner is None:
+        return
+    with torch.no_grad():
+        batch = run.loss_fn.collate(run.train_set[:cfg.micro_batch_size], run.pad_id, run.ranks.device)
+        loss = run.loss_fn(run.forward, run.aligner, batch).item()
+        run.loss_fn.pop_stats()
+    if not math.isfinite(loss):
+        raise UserError(f"the Aligner after step {run.step} gives loss {loss}: stopped without saving it; "
+                        f"{cfg.out} keeps the last good checkpoint (try a lower --lr)")
+    if run.ranks.rank == 0:
         atomic_save({"aligner": run.aligner.to_dict(), "optimizer": run.optimizer.state_dict(),
                      "step": run.step, "config": asdict(cfg)}, cfg.out)
 

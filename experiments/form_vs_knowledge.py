@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cli import run_main  # noqa: E402
-from convert_weights import model_dir  # noqa: E402
-from data import format_prompt  # noqa: E402
+from convert_weights import load_model, model_dir  # noqa: E402
+from data import Tokenizer, format_prompt  # noqa: E402
 from generate import Sampling, answer  # noqa: E402
-from model import Tokenizer, load_model  # noqa: E402
 from train import TrainConfig, train  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "data"))

@@ -13,9 +13,9 @@ from test_train_generate import train_args
 
 import train
 from aligner import Aligner
-from data import format_prompt
+from convert_weights import load_model
+from data import Tokenizer, format_prompt
 from dpo import DPOLoss, collate_pairs, make_pairs
-from model import Tokenizer, load_model
 
 PAIRS = [{"instruction": f"Question {i}?", "chosen": f"yes good {i}", "rejected": f"no bad {i}"} for i in range(32)]
 

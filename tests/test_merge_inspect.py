@@ -7,7 +7,7 @@ from conftest import official
 from test_model import assert_clean_error, nonzero_aligner, run_cli, tokens
 
 from aligner import Aligner, merge
-from model import load_model
+from convert_weights import load_model
 
 
 def saved_adapter(path, tmp_path, n_tokens=1, per_layer=False):

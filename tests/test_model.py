@@ -11,8 +11,9 @@ import torch
 from conftest import ROOT, make_hf_model, make_model_dir, official
 
 from aligner import Aligner
-from convert_weights import convert
-from model import CONFIGS, Transformer, UserError, load_model
+from cli import UserError
+from convert_weights import convert, load_model
+from model import CONFIGS, Transformer
 
 
 
@@ -193,11 +194,11 @@ def test_older_scalar_gate_and_litgpt_gate_shapes_import():
     for layer in range(2, 32):
         sd[f"transformer.h.{layer}.attn.adapter_wte.weight"] = sd["global_value_embedding.weight"]
         sd[f"transformer.h.{layer}.attn.gating_factor"] = torch.full((1, 1, 32, 1), layer / 100)
-    a = Aligner.from_official(sd)
+    a = Aligner.from_state(sd)
     assert a.n_params() == 2 * 4096 + 30 * 32 and a.gates[3, 7].item() == pytest.approx(0.05)
     scalar = {k: (v.flatten()[:1] if "gating" in k else torch.randn(1, 4096)) for k, v in sd.items()
               if k != "global_value_embedding.weight"}
-    b = Aligner.from_official(scalar)  # per-layer prompts, one gate per layer: head count from the size table
+    b = Aligner.from_state(scalar)  # per-layer prompts, one gate per layer: head count from the size table
     assert b.per_layer and b.n_heads == 32 and torch.equal(b.gates[0], torch.full((32,), 0.02))
 
 
@@ -271,7 +272,7 @@ def smollm2_pair(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from convert_weights import fetch_smollm2
-    from model import Tokenizer
+    from data import Tokenizer
 
     gguf = fetch_smollm2()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

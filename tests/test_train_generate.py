@@ -13,9 +13,9 @@ from test_model import assert_clean_error, run_cli
 
 import train
 from aligner import Aligner
-from data import IGNORE, PROMPT_NO_INPUT, encode_example, format_prompt
+from convert_weights import load_model
+from data import IGNORE, PROMPT_NO_INPUT, Tokenizer, encode_example, format_prompt
 from generate import Sampling, generate
-from model import Tokenizer, load_model
 
 RECORDS = [{"instruction": f"Name item {i}.", "input": "" if i % 3 else "a list", "output": f"Item {i} is here."}
            for i in range(24)]
@@ -104,16 +104,6 @@ def test_per_layer_and_more_tokens(tiny, data, tmp_path):
     assert a.per_layer and a.tokens.shape == (2, 3, 64) and a.n_params() == 2 * 3 * 64 + 2 * 4
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, data, tmp_path):
-    _, path = tiny
-    out = tmp_path / "n.pt"
-    r = run_cli("train.py", *train_args(path, data, out, "--max-steps", "6", "--lr", "1e30",
-                                        "--warmup-steps", "0", "--save-every", "1", "--eval-every", "0"))
-    assert_clean_error(r, "loss became", "last good")
-    ckpt = torch.load(out, weights_only=True)
-    assert ckpt["step"] >= 1 and torch.isfinite(ckpt["aligner"]["tokens"]).all()
-
-
 def test_ctrl_c_saves_and_exits_cleanly(tiny, data, tmp_path):
     _, path = tiny
     out = tmp_path / "c.pt"
@@ -195,8 +185,6 @@ def test_other_bad_inputs(tiny, data, tmp_path):
     (tmp_path / "latin1.json").write_bytes('[{"instruction": "caf\xe9", "output": "x"}]'.encode("latin-1"))
     assert_clean_error(run_cli("train.py", *train_args(path, tmp_path / "latin1.json", out)), "not UTF-8")
     assert_clean_error(run_cli("train.py", *train_args(path, data, out, "--max-seq-len", "8")), "--max-seq-len")
-    assert_clean_error(run_cli("train.py", *train_args(path, data, out, "--tokens", "0")), "--tokens")
-    assert_clean_error(run_cli("train.py", *train_args(path, data, out, "--start-layer", "9")), "--start-layer")
     assert_clean_error(run_cli("train.py", *train_args(path, data, out, "--resume")), "keep.pt")
     assert out.read_bytes() == b"mine"
     (tmp_path / "text.pth").write_text("404: Not Found\n")
