@@ -19,15 +19,14 @@ Command line:
 Read next: data.py (the instruction data), then generate.py and train.py.
 """
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from cli import (UserError, atomic_save, atomic_write, check_output_dir, check_output_file, new_directory,
-                 run_main)
-from convert_weights import read_official_aligner, read_state, to_hf, write_params
+import report
+from cli import UserError, atomic_save, check_output_dir, check_output_file, run_main
+from convert_weights import read_official_aligner, read_state, write_checkpoint
 from model import ModelArgs
 
 FORMAT = "aligner-v1"
@@ -63,11 +62,15 @@ class Aligner(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def check_fits(self, args: ModelArgs, name="the model"):
+        """The base model has this Aligner's shape, and no Aligner merged into it already."""
         mine = (self.dim, self.n_layers, self.n_heads)
         if mine != (args.dim, args.n_layers, args.n_heads):
             raise UserError(f"this adapter is for a model with dim {mine[0]}, {mine[1]} layers, "
                             f"{mine[2]} heads, but {name} has dim {args.dim}, {args.n_layers} "
                             f"layers, {args.n_heads} heads: pick the base model it was trained on")
+        if args.wo_bias_from >= 0:
+            raise UserError(f"{name} already has an Aligner merged into it (aligner.py merge): use it "
+                            f"without an adapter, or the original base model")
 
     def to_dict(self):
         return {"format": FORMAT, "tokens": self.tokens.detach().cpu(),
@@ -80,6 +83,17 @@ class Aligner(nn.Module):
 
     def save(self, path):
         atomic_save(self.to_dict(), path)
+
+    def base(self, model=None, where="the adapter") -> Path:
+        """The base model directory: `model` when given, else the one the adapter was trained on."""
+        if model:
+            return Path(model)
+        if not isinstance(self.meta.get("base"), str):
+            raise UserError(f"{where} records no base model: pass --model DIR")
+        if not (Path(self.meta["base"]) / "params.json").is_file():
+            raise UserError(f"{where} was trained on {self.meta['base']}, which is not there: pass --model "
+                            f"DIR")
+        return Path(self.meta["base"])
 
     @classmethod
     def load(cls, path):
@@ -136,6 +150,43 @@ class Aligner(nn.Module):
         return aligner
 
 
+class AlignerBatch(nn.Module):
+    """Several Aligners over one frozen base, one per row of a batch, in one forward pass: model.py
+    reads `prefix(layer)` as (tokens (B, N, D), gates (B, H)), gathered per row from stacked copies.
+    Row index 0 is no Aligner: its gates are zero, so it adds exactly nothing and the row is the
+    base model; so are the layers below an Aligner's own start layer. All share one token count."""
+
+    def __init__(self, aligners: list, args: ModelArgs):
+        super().__init__()
+        if len({a.n_tokens for a in aligners}) > 1:
+            raise UserError("Aligners with different token counts go in separate batches")
+        n = aligners[0].n_tokens if aligners else 1
+        self.start_layer = min((a.start_layer for a in aligners), default=args.n_layers)
+        tokens = torch.zeros(len(aligners) + 1, args.n_layers, n, args.dim)  # (A + 1, L, N, D)
+        gates = torch.zeros(len(aligners) + 1, args.n_layers, args.n_heads)  # (A + 1, L, H)
+        for j, a in enumerate(aligners, 1):
+            a.check_fits(args)
+            for layer in range(a.start_layer, args.n_layers):
+                tokens[j, layer], gates[j, layer] = (t.detach() for t in a.prefix(layer))
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("gates", gates, persistent=False)
+        self.register_buffer("rows", torch.zeros(1, dtype=torch.long), persistent=False)  # (B,)
+
+    def use(self, rows: list):
+        """Which Aligner each row of the next batch uses: 0 for none, j for the j-th. Written in
+        place when the batch size stays, so a compiled decoding step sees the same tensor."""
+        rows = torch.tensor(rows, device=self.tokens.device)  # (B,)
+        if rows.shape == self.rows.shape:
+            self.rows.copy_(rows)
+        else:
+            self.rows = rows
+
+    def prefix(self, layer: int):
+        if layer < self.start_layer:
+            return None
+        return self.tokens[self.rows, layer], self.gates[self.rows, layer]  # (B, N, D), (B, H)
+
+
 def load_file(path):
     """torch.load with weights_only=True (adapter files come from strangers), errors as one line."""
     path = Path(path)
@@ -155,24 +206,10 @@ def load_file(path):
 
 def inspect(path, plot=None):
     a = Aligner.load(path)
-    sharing = "per layer (LLaMA-Adapter style)" if a.per_layer else "shared by all layers"
-    out = [f"{path}",
-           f"  tokens       {a.n_tokens} {sharing}",
-           f"  base shape   dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads",
-           f"  start layer  {a.start_layer} (gated layers {a.start_layer}..{a.n_layers - 1})",
-           f"  trainable    {a.n_params():,} parameters"]
-    out += [f"  {k:<12} {v}" for k, v in a.meta.items() if k in ("base", "source", "template", "mode")]
-    norms = a.tokens.detach().float().norm(dim=-1).flatten()  # (N,) or (L - s) * N
-    out.append(f"  token norm   mean {norms.mean():.2f} (sqrt(dim) = {a.dim ** 0.5:.2f})")
-    g = a.gates.detach().abs()  # (L - s, H)
-    top = g.max().item() or 1.0
-    out.append("  layer  mean|g|   max|g|")
-    for i, (mean, mx) in enumerate(zip(g.mean(1).tolist(), g.max(1).values.tolist())):
-        out.append(f"  {a.start_layer + i:5d}  {mean:7.4f}  {mx:7.4f}  {'#' * round(30 * mean / top)}")
-    print("\n".join(out))
+    print(report.describe(a, path))
     if plot:
         check_output_file(plot, [path])
-        plot_gates(a, plot)
+        report.plot_gates(a, plot)
 
 
 def merge(adapter, out, model=None, fmt="ours", force=False):
@@ -184,23 +221,15 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
     on the attention output of each layer from start_layer on. The merged model computes exactly
     what base + Aligner computes, at exactly the base model's cost. For N > 1 the mixture of the N
     values depends on the query, so no such merge exists."""
-    from safetensors.torch import save_file
-
     a = Aligner.load(adapter)
     if a.n_tokens != 1:
         raise UserError(f"{adapter} has {a.n_tokens} tokens: only a one-token Aligner merges exactly "
                         f"(with N > 1 the prefix softmax weights depend on each query, so the added "
                         f"vector is not a constant); keep using it as an adapter")
-    if not model and not a.meta.get("base"):
-        raise UserError(f"{adapter} records no base model: pass --model DIR")
-    src = Path(model or a.meta["base"])
-    if not model and not (src / "params.json").is_file():
-        raise UserError(f"{adapter} was trained on {src}, which is not there: pass --model DIR")
+    src = a.base(model, adapter)
     check_output_dir(out, [src, adapter], force)  # before any work
     args, state = read_state(src)
     a.check_fits(args, str(src))
-    if args.wo_bias_from >= 0:
-        raise UserError(f"{src} already has a merged Aligner; merge into the original base model")
     k_heads, g, e = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
     with torch.no_grad():
         for layer in range(a.start_layer, args.n_layers):
@@ -212,60 +241,13 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
             bias = wo.float() @ per_head.reshape(-1)  # (D,)
             state[f"layers.{layer}.attention.wo.bias"] = bias.to(wo.dtype)
     args.wo_bias_from = a.start_layer
-    with new_directory(out, force, [src, adapter]) as tmp:
-        if fmt == "hf":
-            to_hf(args, state, src, tmp)
-        else:
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
-            write_params(args, tmp / "params.json")
-        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
-            if (src / name).is_file() and not (tmp / name).exists():
-                shutil.copy(src / name, tmp / name)
+    write_checkpoint(args, state, src, out, fmt, force, sources=[src, adapter])
     print(f"wrote {out} ({'Hugging Face' if fmt == 'hf' else 'model.py'} format): {src.name} with "
           f"{Path(adapter).name} merged as a wo bias in layers {a.start_layer}..{args.n_layers - 1}")
 
 
 def compare(path_a, path_b):
-    """How alike two adapters are: cosine similarity of tokens and gates, and equal numbers."""
-    a, b = Aligner.load(path_a), Aligner.load(path_b)
-    print(f"A {path_a}: {a.n_tokens} token(s), {a.n_params():,} parameters\n"
-          f"B {path_b}: {b.n_tokens} token(s), {b.n_params():,} parameters")
-    for name in ("tokens", "gates"):
-        x, y = getattr(a, name).detach().float(), getattr(b, name).detach().float()
-        if x.shape != y.shape:
-            print(f"  {name:<7} shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
-            continue
-        cos = nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item()
-        rows = nn.functional.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1)  # (rows,)
-        equal = (x == y).float().mean().item()
-        print(f"  {name:<7} cosine {cos:+.4f} (per {'token' if name == 'tokens' else 'layer'}: "
-              f"min {rows.min():+.4f}, max {rows.max():+.4f}); exactly equal numbers {100 * equal:.1f}%")
-
-
-def plot_gates(a, png):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
-    g = a.gates.detach().abs()  # (L - s, H)
-    layers = list(range(a.start_layer, a.n_layers))
-    n_panels = 2 if a.n_tokens > 1 and not a.per_layer else 1
-    fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, 4), squeeze=False)
-    axes[0][0].plot(layers, g.mean(1), label="mean |g|")
-    axes[0][0].plot(layers, g.max(1).values, label="max |g|")
-    axes[0][0].set(xlabel="layer", ylabel="gate magnitude", title="Aligner gates per layer")
-    axes[0][0].legend()
-    if n_panels == 2:
-        t = nn.functional.normalize(a.tokens.detach().float(), dim=-1)  # (N, D)
-        im = axes[0][1].imshow(t @ t.T, vmin=-1, vmax=1, cmap="coolwarm")  # (N, N) cosine
-        axes[0][1].set(title="token cosine similarity", xlabel="token", ylabel="token")
-        fig.colorbar(im, ax=axes[0][1])
-    fig.tight_layout()
-    atomic_write(png, lambda f: fig.savefig(f, format="png"))
-    print(f"wrote {png}")
+    print(report.compare(Aligner.load(path_a), Aligner.load(path_b), path_a, path_b))
 
 
 def main(argv=None):

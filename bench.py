@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from aligner import Aligner
-from cli import flag, parse_config
+from cli import flag, fraction, parse_config
 from convert_weights import hf_state
-from generate import Sampling, generate
+from data import IGNORE, Batch
+from generate import Sampling, generate_batch
 from model import CONFIGS, Transformer
+from train import SFTLoss
 
 
 def sync(device):
@@ -66,20 +68,32 @@ def peer_model(model, n_tokens, device, dtype):
     return hf, peft
 
 
-def train_steps(step_fn, params, n, batch, seq, vocab, device):
-    """Seconds per step over n steps of step_fn(ids, labels) + AdamW on params."""
+def make_batch(cfg, vocab: int, device) -> Batch:
+    """Random ids with labels on the response part only: the first `cfg.prompt` of each sequence is
+    prompt, labelled IGNORE, as in instruction data."""
+    ids = torch.randint(0, vocab, (cfg.batch, cfg.seq + 1), device=device)  # (B, T+1)
+    labels = ids.clone()  # (B, T+1)
+    labels[:, : int(cfg.prompt * (cfg.seq + 1))] = IGNORE
+    return Batch(ids, labels)
+
+
+def train_steps(step_fn, params, n, batch: Batch, device):
+    """(forward, backward, optimizer) seconds for each of n steps of step_fn(batch) + AdamW on params."""
     opt = torch.optim.AdamW(params, lr=1e-3)
-    ids = torch.randint(0, vocab, (batch, seq + 1), device=device)  # (B, T+1)
     times = []
     for _ in range(n):
         sync(device)
-        t = time.perf_counter()
-        loss = step_fn(ids[:, :-1], ids[:, 1:])
+        t0 = time.perf_counter()
+        loss = step_fn(batch)
+        sync(device)
+        t1 = time.perf_counter()
         loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
-        times.append(time.perf_counter() - t)
+        times.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
     return times
 
 
@@ -95,13 +109,14 @@ def matmul_tflops(device):
     return 20 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
-def train_flops_per_token(args, seq, start):
-    """Forward through every layer and the head; backward for activations (no weight gradients)
-    through layers start.. and the head: 2 FLOPs per weight per token each way, plus attention."""
+def train_flops_per_token(args, seq, start, labelled):
+    """Forward through every layer, and the head where there is a label (the `labelled` share of
+    positions); backward for activations (no weight gradients) through layers start.. and that
+    head: 2 FLOPs per weight per token each way, plus attention. The work the loss needs."""
     qkvo = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
     per_layer = 2 * (qkvo + 3 * args.dim * args.hidden_dim)
     attn = 2 * 2 * seq * args.dim  # q k^T and att v, causal half counted as whole (as is common)
-    head = 2 * args.dim * args.vocab_size
+    head = 2 * args.dim * args.vocab_size * labelled
     fwd = args.n_layers * (per_layer + attn) + head
     bwd = (args.n_layers - start) * (per_layer + 2 * attn) + head
     return fwd + bwd
@@ -116,22 +131,28 @@ class BenchConfig:
     batch: int = flag(8, "training batch", int)
     seq: int = flag(128, "training sequence length", int)
     new_tokens: int = flag(64, "tokens generated per decoding round", int)
+    gen_batch: int = flag(32, "prompts (of mixed lengths) in the batched decoding round", int)
     rounds: int = flag(3, "alternating rounds of each measurement", int)
     steps: int = flag(3, "training steps per round", int)
     dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 on cpu",
                       choices=["auto", "float32", "bfloat16"])
     compile: bool = flag(False, "torch.compile our training forward and decoding step")
-    sdpa: bool = flag(False, "our causal attention through scaled_dot_product_attention")
+    attention: str = flag("sdpa", "our causal attention (sdpa: the default of train.py and generate.py)",
+                          choices=["sdpa", "einsum"])
+    prompt: float = flag(0.6, "share of each sequence that is prompt, with no label (the bundled data: "
+                              "38 of 61 tokens)", fraction)
     activation_checkpointing: bool = flag(False, "recompute our layers in backward")
     no_peer: bool = flag(False, "skip transformers + PEFT")
 
 
 class Contender:
-    """One implementation under test: a training step, its trainable parameters, a decoding round."""
+    """One implementation under test: a training step, its trainable parameters, and decode(prompts),
+    which answers a batch of prompts greedily and returns the new tokens per second, all rows together."""
 
     def __init__(self, name, step, params, decode):
         self.name, self.step, self.params, self.decode = name, step, params, decode
-        self.train, self.gen, self.mem = [], [], 0.0  # tokens/s per step, per round; peak GiB
+        self.train, self.mem = [], 0.0  # (forward, backward, optimizer) seconds per step; peak GiB
+        self.gen = {}  # batch size -> tokens/s per round
 
 
 def timed(device, fn):
@@ -142,35 +163,41 @@ def timed(device, fn):
     return n / (time.perf_counter() - t)
 
 
-def ours(cfg, model, aligner, prompt, device):
+def ours(cfg, model, aligner, device):
     forward = torch.compile(model) if cfg.compile else model
     decode_step = torch.compile(model, dynamic=False) if cfg.compile else None
     greedy = Sampling(max_new_tokens=cfg.new_tokens, temperature=0)
 
-    def train_step(x, y):
-        logits = forward(x, aligner)  # (B, T, vocab)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    def train_step(batch):
+        return SFTLoss()(forward, aligner, batch)
 
-    def decode():
-        return timed(device, lambda: len(list(generate(model, prompt, aligner, greedy, forward=decode_step))))
+    def decode(prompts):
+        return timed(device, lambda: sum(map(len, generate_batch(model, prompts, aligner, greedy,
+                                                                 forward=decode_step))))
 
     return Contender("ours", train_step, list(aligner.parameters()), decode)
 
 
-def peers(cfg, hf, peft, prompt, device):
+def peers(cfg, hf, peft, device):
     """transformers + PEFT, and transformers' generate with the adapter switched off (bare)."""
-    def train_step(x, y):
-        logits = peft(input_ids=x).logits  # (B, T, vocab)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    def train_step(batch):
+        logits = peft(input_ids=batch.ids[:, :-1]).logits  # (B, T, vocab)
+        labels = batch.labels[:, 1:].flatten()  # (B * T,)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE)
 
-    def decode(bare=False):
-        ids = torch.tensor([prompt], device=device)  # (1, P)
+    def decode(prompts, bare=False):
+        """transformers' own batched generate, left-padded with an attention mask."""
+        n = max(map(len, prompts))
+        ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts], device=device)  # (B, P)
+        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, P)
         if bare:
             peft.base_model.disable_adapter_layers()
+
         def n_new():
-            out = hf.generate(ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)  # (1, P + new)
-            return out.shape[1] - len(prompt)
+            n_tok = cfg.new_tokens
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_tok, min_new_tokens=n_tok,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)  # (B, P + new)
+            return (out.shape[1] - n) * len(prompts)
 
         with torch.no_grad():
             tok_s = timed(device, n_new)
@@ -179,52 +206,72 @@ def peers(cfg, hf, peft, prompt, device):
         return tok_s
 
     params = [q for q in peft.parameters() if q.requires_grad]
-    return [Contender("peer", train_step, params, decode), Contender("bare", None, [], lambda: decode(True))]
+    return [Contender("peer", train_step, params, decode),
+            Contender("bare", None, [], lambda prompts: decode(prompts, bare=True))]
 
 
 def measure(cfg, contenders, weights, vocab, device):
     """Alternating rounds; round 0 warms up (and compiles) and is not counted."""
+    batch = make_batch(cfg, vocab, device)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist()  # mixed lengths, 8 to 64 tokens
+               for n in torch.randint(8, 65, (cfg.gen_batch,), generator=g)]
     for r in range(cfg.rounds + 1):
         for c in contenders:
             if c.step is not None:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 n_steps = 1 if r == 0 else cfg.steps
-                times = train_steps(c.step, c.params, n_steps, cfg.batch, cfg.seq, vocab, device)
+                times = train_steps(c.step, c.params, n_steps, batch, device)
                 if device.type == "cuda":  # both models live in this process: leave out the other's weights
                     other = sum(w for name, w in weights.items() if name != c.name)
                     c.mem = max(c.mem, (torch.cuda.max_memory_allocated() - other) / 2**30)
-                c.train += [cfg.batch * cfg.seq / t for t in times] if r > 0 else []
-            tok_s = c.decode()
-            c.gen += [tok_s] if r > 0 else []
+                c.train += times if r > 0 else []
+            for size in sorted({1, cfg.gen_batch}):
+                tok_s = c.decode(prompts[:size])
+                c.gen.setdefault(size, []).extend([tok_s] if r > 0 else [])
 
 
 def report(cfg, contenders, model, dtype, device):
-    margs = model.args
     rate = matmul_tflops(device) if device.type == "cuda" else None
-    flops = train_flops_per_token(margs, cfg.seq, 2)
-    options = [o for o, on in (("compiled", cfg.compile), ("sdpa", cfg.sdpa),
-                               ("activation checkpointing", cfg.activation_checkpointing)) if on]
-    size = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"\n{cfg.size} ({size:.1f}M), {str(dtype)[6:]}, {device}, "
-          f"torch {torch.__version__}, batch {cfg.batch} x {cfg.seq}, {cfg.tokens} Aligner token(s)"
-          + "".join(f", {o}" for o in options))
+    labelled = 1 - int(cfg.prompt * (cfg.seq + 1)) / cfg.seq
+    flops = train_flops_per_token(model.args, cfg.seq, 2, labelled)
+    header(cfg, model, dtype, device, labelled)
     if rate:
         print(f"bf16 matmul measured: {rate:.0f} TFLOP/s; training step {flops / 1e9:.2f} GFLOP/token "
               f"-> ceiling {rate * 1e12 / flops:,.0f} tokens/s")
-    print(f"{'':26}{'train tokens/s':>16}{'generate tokens/s':>19}{'peak GiB':>10}{'MFU':>7}")
+    b = cfg.gen_batch
+    print(f"{'':26}{'train tok/s':>12}{'decode b=1':>12}{f'b={b} total':>13}{'per row':>9}"
+          f"{'peak GiB':>10}{'MFU':>6}")
     labels = {"ours": "ours (model.py)", "peer": "transformers + PEFT", "bare": "transformers, no adapter"}
     med = {}
     for c in contenders:
-        tr = statistics.median(c.train) if c.train else None
-        med[c.name] = (tr, statistics.median(c.gen))
+        tr = statistics.median(cfg.batch * cfg.seq / sum(t) for t in c.train) if c.train else None
+        med[c.name] = (tr, statistics.median(c.gen[1]), statistics.median(c.gen[b]))
         mfu = f"{100 * tr * flops / (rate * 1e12):.0f}%" if rate and tr else "-"
         mem = f"{c.mem:.1f}" if device.type == "cuda" and tr else "-"
         train_col = f"{tr:,.0f}" if tr else "-"
-        print(f"{labels[c.name]:<26}{train_col:>16}{med[c.name][1]:>19,.1f}{mem:>10}{mfu:>7}")
+        print(f"{labels[c.name]:<26}{train_col:>12}{med[c.name][1]:>12,.1f}{med[c.name][2]:>13,.1f}"
+              f"{med[c.name][2] / b:>9,.1f}{mem:>10}{mfu:>6}")
+    split = [1000 * statistics.median(t[i] for t in contenders[0].train) for i in range(3)]
+    print(f"ours, one step: forward {split[0]:.0f} ms, backward {split[1]:.0f} ms, "
+          f"optimizer {split[2]:.1f} ms")
+    ours_b = med["ours"][2] / med["ours"][1]
+    print(f"ours, batch {b} decoding: x{ours_b:.1f} the total tokens/s of batch 1")
     if "peer" in med:
         print(f"summary: train x{med['ours'][0] / med['peer'][0]:.2f} vs transformers+peft, "
-              f"generate x{med['ours'][1] / med['bare'][1]:.2f} vs transformers")
+              f"generate x{med['ours'][1] / med['bare'][1]:.2f} vs transformers (batch 1), "
+              f"x{med['ours'][2] / med['peer'][2]:.2f} vs transformers+peft (batch {b})")
+
+
+def header(cfg, model, dtype, device, labelled):
+    options = [o for o, on in (("compiled", cfg.compile), (f"{cfg.attention} attention", True),
+                               ("activation checkpointing", cfg.activation_checkpointing)) if on]
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"\n{cfg.size} ({size:.1f}M), {str(dtype)[6:]}, {device}, "
+          f"torch {torch.__version__}, batch {cfg.batch} x {cfg.seq} ({100 * labelled:.0f}% labelled), "
+          f"{cfg.tokens} Aligner token(s)"
+          + "".join(f", {o}" for o in options))
 
 
 def bench(cfg: BenchConfig):
@@ -233,18 +280,17 @@ def bench(cfg: BenchConfig):
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     margs = CONFIGS[cfg.size]
     model = random_model(margs, device, dtype)
-    model.use_sdpa(cfg.sdpa)
+    model.use_sdpa(cfg.attention == "sdpa")
     model.activation_checkpointing = cfg.activation_checkpointing
     aligner = Aligner(margs, cfg.tokens).to(device)
     with torch.no_grad():
         aligner.gates.normal_(0, 0.1)  # non-zero: the prefix path really runs
-    prompt = torch.randint(0, margs.vocab_size, (16,)).tolist()
-    contenders = [ours(cfg, model, aligner, prompt, device)]
+    contenders = [ours(cfg, model, aligner, device)]
     weights = {"ours": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
     if not cfg.no_peer:
         try:
             hf, peft = peer_model(model, cfg.tokens, device, dtype)
-            contenders += peers(cfg, hf, peft, prompt, device)
+            contenders += peers(cfg, hf, peft, device)
             weights["peer"] = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
         except ImportError:
             print("transformers/peft not installed: measuring ours only")

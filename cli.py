@@ -10,6 +10,7 @@ refuses impossible values (argparse reports those itself: usage line, "error: ..
 Read next: convert_weights.py (skim), then aligner.py.
 """
 import argparse
+import json
 import math
 import os
 import shutil
@@ -57,8 +58,9 @@ def check_flags(config):
     for f in fields(config):
         value, check, choices = getattr(config, f.name), f.metadata.get("type"), f.metadata.get("choices")
         try:
-            if value is not None and check is not None:
-                setattr(config, f.name, check(value))
+            if value is not None and check is not None:  # a repeatable flag is a list: check each
+                value = [check(v) for v in value] if isinstance(value, list) else check(value)
+                setattr(config, f.name, value)
             if value is not None and choices and value not in choices:
                 raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {value!r}")
         except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
@@ -230,6 +232,22 @@ def atomic_write(path, write):
 
 def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class JsonLines:
+    """A file of one JSON object per line, appended to as rows come (path None: nowhere). A fresh
+    one is started, emptying an old file, only when the writer is created, after the checks."""
+
+    def __init__(self, path, fresh: bool):
+        self.path = path
+        if path and fresh:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text("")
+
+    def write(self, row: dict):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def run_main(fn, *args):

@@ -17,7 +17,7 @@ its wq/wk rows are permuted back here (`unpermute`).
 Also here, the other way: `load_model(dir)`, which reads such a directory back (every tensor's
 shape checked against params.json before it is read), and `model_dir`, which finds the model for
 train.py and generate.py, converting the embedded default on first use.
-Read next: aligner.py.
+Read next: report.py (what aligner.py inspect prints; skim it), then aligner.py.
 """
 import argparse
 import json
@@ -549,6 +549,22 @@ def convert(source: str, out_dir, dtype: str = None, force=False) -> Path:
     print(f"wrote {out}: {n / 1e6:.1f}M parameters, dim {args.dim}, {args.n_layers} layers, "
           f"{args.n_heads} heads ({args.n_kv_heads} key/value), vocab {args.vocab_size}")
     return out
+
+
+def write_checkpoint(args: ModelArgs, state: dict, src: Path, out, fmt="ours", force=False, sources=()):
+    """A model directory from tensors in our layout: params.json + model.safetensors (fmt "ours") or
+    a Hugging Face checkpoint (fmt "hf"), with the tokenizer files of `src`."""
+    from safetensors.torch import save_file
+
+    with new_directory(out, force, sources) as tmp:
+        if fmt == "hf":
+            to_hf(args, state, src, tmp)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+            write_params(args, tmp / "params.json")
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            if (src / name).is_file() and not (tmp / name).exists():
+                shutil.copy(src / name, tmp / name)
 
 
 def model_dir(path=None) -> Path:

@@ -11,6 +11,7 @@ BOS + prompt + response + EOS with labels that are IGNORE on the prompt (unless 
 the loss is on the response only. Read next: generate.py (decoding), then train.py.
 """
 import json
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -82,6 +83,38 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+
+class Prompt(NamedTuple):
+    instruction: str
+    input: str = ""
+
+
+def read_prompts(path) -> list:
+    """The Prompts of a file to answer: instruction records (JSON or JSONL), or a .txt file with one
+    instruction per line."""
+    path = Path(path)
+    if path.suffix != ".txt":
+        return [Prompt(r["instruction"], r.get("input", "")) for r in read_records(path, ("instruction",))]
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    try:
+        lines = [line.strip() for line in path.read_bytes().decode("utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    prompts = [Prompt(line) for line in lines if line]
+    if not prompts or not all(map(valid_text, lines)):
+        raise UserError(f"{path}: no prompts, or a line that is not valid text")
+    return prompts
+
+
+def stdin_lines():
+    """The lines of standard input, one prompt each; a line that is not UTF-8 is refused."""
+    for n, line in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise UserError(f"standard input, line {n}: not UTF-8 text") from None
 
 
 class Example(NamedTuple):

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from aligner import AlignerBatch
 from cli import run_main
 from convert_weights import load_model, model_dir
 from data import Tokenizer, format_prompt
-from generate import Sampling, answer
+from generate import Sampling, generate_batch
 from train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -53,19 +54,30 @@ def demo(args):
     model, tok = load_model(path), Tokenizer(path)
     aligner = train(TrainConfig(data=str(DATA / "form_train.json"), model=str(path), out=args.out,
                                 tokens=args.tokens, batch_size=8, micro_batch_size=8, lr=9e-3,
-                                warmup_steps=10,
-                                schedule="cosine", max_steps=400, max_time=args.seconds, eval_every=50,
-                                eval_batches=2, val_fraction=0.05, save_every=0, seed=args.seed), model)
+                                warmup_steps=10, schedule="cosine", max_steps=400, max_time=args.seconds,
+                                eval_every=50, eval_batches=2, val_fraction=0.05, save_every=0,
+                                seed=args.seed), model)
     t_train = time.time() - t0
-    held = json.loads((DATA / "form_heldout.json").read_text())[: args.limit]
-    greedy = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=0, seed=args.seed)
-    results = []
-    for r in tqdm(held, desc="held-out answers (base, aligned)", dynamic_ncols=True):
-        prompt = format_prompt(r["instruction"])
-        results.append((r["instruction"], answer(model, tok, prompt, None, greedy).strip(),
-                        answer(model, tok, prompt, aligner, greedy).strip()))
+    held = [r["instruction"] for r in json.loads((DATA / "form_heldout.json").read_text())[: args.limit]]
+    results = answer_both(model, tok, aligner, held, args)
     report(results, follows_form, rule, aligner)
     print(f"\ntotal time {time.time() - t0:.0f} s (training {t_train:.0f} s); adapter: {args.out}")
+
+
+def answer_both(model, tok, aligner, held: list, args) -> list:
+    """(instruction, base answer, aligned answer) for each instruction, greedy: every batch holds
+    base rows and aligned rows together (generate.py's batches, one Aligner per row)."""
+    greedy = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=0, seed=args.seed)
+    both = AlignerBatch([aligner], model.args)
+    jobs = [(q, row) for q in held for row in (0, 1)]  # row 0: the base model, 1: with the Aligner
+    texts = {}
+    for i in tqdm(range(0, len(jobs), 16), desc="held-out answers (base, aligned)", dynamic_ncols=True):
+        chunk = jobs[i: i + 16]
+        both.use([row for _, row in chunk])
+        prompts = [tok.encode(format_prompt(q)) for q, _ in chunk]
+        answers = generate_batch(model, prompts, both, greedy, tok.eos_id, pad_id=tok.eos_id)
+        texts.update((job, tok.decode(ids).strip()) for job, ids in zip(chunk, answers))
+    return [(q, texts[q, 0], texts[q, 1]) for q in held]
 
 
 def report(results, follows_form, rule, aligner):

@@ -56,10 +56,14 @@ def collate_pairs(pairs, pad_id: int, device) -> Batch:
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
 
 
-def sequence_logprob(logits, labels):
-    """Sum of log p(label) over the labelled tokens: logits (B, T, vocab), labels (B, T) -> (B,)."""
-    logp = torch.gather(logits.log_softmax(-1), -1, labels.clamp(min=0)[..., None])[..., 0]  # (B, T)
-    return (logp * (labels != IGNORE)).sum(-1)  # (B,)
+def sequence_logprob(model, aligner, ids, labels):
+    """Sum of log p(label) over the labelled tokens: ids, labels (B, T) -> (B,). The logits at t
+    predict the token at t+1, and only labelled positions reach the output projection."""
+    keep = labels != IGNORE  # (B, T)
+    logp = model(ids, aligner, keep=keep).log_softmax(-1)  # (n, vocab)
+    picked = logp.gather(-1, labels[keep][:, None])[:, 0]  # (n,)
+    per_position = torch.zeros(keep.shape, dtype=picked.dtype, device=ids.device)  # (B, T)
+    return per_position.masked_scatter(keep, picked).sum(-1)  # (B,)
 
 
 class DPOLoss:
@@ -75,9 +79,9 @@ class DPOLoss:
 
     def __call__(self, model, aligner, batch: Batch):
         ids, labels = batch.ids[:, :-1], batch.labels[:, 1:]  # logits at t predict the token at t+1
-        policy = sequence_logprob(model(ids, aligner), labels)  # (2B,)
+        policy = sequence_logprob(model, aligner, ids, labels)  # (2B,)
         with torch.no_grad():
-            ref = sequence_logprob(model(ids, self.reference), labels)  # (2B,)
+            ref = sequence_logprob(model, self.reference, ids, labels)  # (2B,)
         b = ids.shape[0] // 2  # chosen first, then rejected
         margin = (policy[:b] - policy[b:]) - (ref[:b] - ref[b:])  # (B,)
         self.rows.append({"reward_accuracy": (margin > 0).float().mean().item(),

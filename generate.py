@@ -1,26 +1,33 @@
-"""Answer prompts with a base model and an Aligner, streaming token by token.
+"""Answer prompts with a base model and Aligners: streamed one at a time, or a whole file in batches.
 
     python generate.py --adapter out.pt --prompt "Give three tips for staying healthy."
     echo "Name a colour." | python generate.py --adapter out.pt --compare   # base vs aligned
-    python generate.py --no-adapter --prompt "Hello"                         # the base model alone
+    python generate.py --adapter a.pt --adapter b.pt --compare --data questions.json --out answers.jsonl
 
-The base model comes from the adapter's own metadata (override with --model). Prompts are put in
-the Alpaca template when the adapter was trained with it (--raw sends the text as it is). Decoding
-uses a KV cache: each layer's Aligner keys/values are computed once per prompt, at cache set-up,
-and every new token then costs one position (model.Transformer.setup_cache).
+The base model comes from the adapters' metadata (or --model); prompts get the Alpaca template when
+the adapter was trained with it (--raw: as they are). All decoding goes through `decode`: a batch's
+prompts are left-padded to one length, each row with its own positions and mask (padding changes
+nothing) and, through aligner.AlignerBatch, its own Aligner or none: one frozen base serves several
+alignments in one forward pass (Aligners of another token count go in another batch). The KV cache
+is made once and reused; each row's Aligner keys/values are computed once per batch.
 Read next: dpo.py and parallel.py (train.py's optional parts), then train.py.
 """
+import json
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
-from aligner import Aligner
-from cli import (UserError, check_flags, count, device_name, flag, non_negative_float, parse_config,
-                 path_text, pick_device, pick_dtype, positive_int, probability, random_seed, run_main)
+from aligner import Aligner, AlignerBatch
+from cli import (UserError, atomic_write, check_flags, check_output_file, count, device_name, flag,
+                 non_negative_float, parse_config, path_text, pick_device, pick_dtype, positive_int,
+                 probability, random_seed, run_main)
 from convert_weights import load_model, model_dir
-from data import Tokenizer, format_prompt, valid_text
+from data import Tokenizer, format_prompt, read_prompts, stdin_lines, valid_text
 from model import Transformer
 
 
@@ -31,52 +38,73 @@ class Sampling:
     temperature: float = flag(0.7, "sampling temperature; 0 means greedy", non_negative_float)
     top_k: int = flag(200, "sample among the k most likely tokens (0: all)", count)
     top_p: float = flag(1.0, "nucleus sampling: smallest set with this much probability", probability)
-    seed: int = flag(1337, "random seed, reset for every answer", random_seed)
+    seed: int = flag(1337, "random seed, reset for every answer (and every batch)", random_seed)
 
     def __post_init__(self):
         check_flags(self)
 
 
 def sample(logits, s: Sampling):
-    """Next token (1,) from logits (vocab,): greedy at temperature 0, else top-k/top-p sampling."""
+    """Next token of each row (B, 1) from logits (B, vocab): greedy at temperature 0, else top-k/top-p."""
     if s.temperature <= 0:
-        return logits.argmax(-1, keepdim=True)  # (1,)
-    logits = logits / s.temperature  # (vocab,)
+        return logits.argmax(-1, keepdim=True)  # (B, 1)
+    logits = logits / s.temperature  # (B, vocab)
     if s.top_k and s.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, s.top_k).values[-1]  # () the k-th largest
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # (vocab,)
+        kth = torch.topk(logits, s.top_k).values[:, -1:]  # (B, 1) the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, vocab)
     if s.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)  # (vocab,) each
-        cut = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > s.top_p  # (vocab,)
-        logits = logits.masked_fill(cut.scatter(0, order, cut), float("-inf"))  # (vocab,)
-    return torch.multinomial(logits.softmax(-1), 1)  # (1,)
+        sorted_logits, order = logits.sort(-1, descending=True)  # (B, vocab) each
+        probs = sorted_logits.softmax(-1)  # (B, vocab)
+        cut = probs.cumsum(-1) - probs > s.top_p  # (B, vocab): outside the nucleus
+        logits = logits.masked_fill(cut.scatter(-1, order, cut), float("-inf"))  # (B, vocab)
+    return torch.multinomial(logits.softmax(-1), 1)  # (B, 1)
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_ids: list, aligner=None, sampling=Sampling(), eos_id=None,
-             forward=None):
-    """Yield new token ids one at a time. `forward` runs the one-token steps: the model itself, or
-    a torch.compile'd copy of it."""
-    forward = forward or model
-    device = model.output.weight.device
-    n = len(prompt_ids)
+def decode(model: Transformer, prompts: list, aligner=None, sampling=Sampling(), forward=None, pad_id=0):
+    """Yield the next token id of every row, (B,), one step at a time, up to max_new_tokens or the
+    end of the context. `forward` runs the one-token steps: the model, or a torch.compile'd copy."""
+    forward, device = model if forward is None else forward, model.output.weight.device
+    n = max(map(len, prompts))
     if n >= model.args.max_seq_len:
-        raise UserError(f"the prompt is {n} tokens, but the model's context is "
-                        f"{model.args.max_seq_len}: shorten it")
+        raise UserError(f"a prompt is {n} tokens, but the model's context is {model.args.max_seq_len}: "
+                        f"shorten it")
     total = min(n + sampling.max_new_tokens, model.args.max_seq_len)
-    model.setup_cache(1, total, aligner)  # fresh cache; Aligner keys/values computed here, once
+    pad = torch.tensor([n - len(p) for p in prompts], device=device)  # (B,) left padding of each row
+    ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts], device=device)  # (B, n)
+    model.setup_cache(len(prompts), total, aligner, pad)  # Aligner keys/values computed here, once
     try:
-        ids = torch.tensor([prompt_ids], device=device)  # (1, n)
-        logits = model(ids, aligner, torch.arange(n, device=device))[0, -1]  # (vocab,) prefill
+        logits = model(ids, aligner, torch.arange(n, device=device))[:, -1]  # (B, vocab): prefill
         for pos in range(n, total):
-            next_id = sample(logits, sampling)  # (1,)
-            yield next_id.item()
-            if next_id.item() == eos_id or pos + 1 == total:
-                return
-            pos_t = torch.tensor([pos], device=device)  # (1,)
-            logits = forward(next_id.view(1, 1), aligner, pos_t)[0, -1]  # (vocab,)
+            next_ids = sample(logits, sampling)  # (B, 1)
+            yield next_ids[:, 0]
+            if pos + 1 < total:
+                logits = forward(next_ids, aligner, torch.tensor([pos], device=device))[:, -1]  # (B, vocab)
     finally:
         model.clear_cache()
+
+
+def generate(model, prompt_ids: list, aligner=None, sampling=Sampling(), eos_id=None, forward=None):
+    """Yield the new token ids of one prompt as they come, up to and including EOS."""
+    with closing(decode(model, [prompt_ids], aligner, sampling, forward)) as steps:
+        for next_ids in steps:
+            yield next_ids.item()
+            if next_ids.item() == eos_id:
+                return
+
+
+def generate_batch(model, prompts: list, aligner=None, sampling=Sampling(), eos_id=None, forward=None,
+                   pad_id=0) -> list:
+    """The new token ids of every prompt, decoded together; each row ends at its own EOS."""
+    answers, done = [[] for _ in prompts], [False] * len(prompts)
+    with closing(decode(model, prompts, aligner, sampling, forward, pad_id)) as steps:
+        for next_ids in steps:
+            for row, i in enumerate(next_ids.tolist()):
+                answers[row] += [] if done[row] else [i]
+                done[row] = done[row] or i == eos_id
+            if all(done):
+                break
+    return answers
 
 
 def answer(model, tok, text: str, aligner=None, sampling=Sampling(), stream=None, forward=None) -> str:
@@ -97,70 +125,114 @@ def answer(model, tok, text: str, aligner=None, sampling=Sampling(), stream=None
 
 @dataclass
 class GenerateConfig(Sampling):
-    adapter: str = flag(None, "an Aligner file from train.py (or an official checkpoint)", path_text)
-    model: str = flag(None, "converted base model directory (default: the adapter's own base, else "
-                            "the embedded SmolLM2-135M-Instruct)", path_text)
+    adapter: list = flag(None, "an Aligner file (repeatable: every prompt is answered with each)", path_text,
+                         action="append")
+    model: str = flag(None, "converted base model directory (default: the adapters' own base)", path_text)
     prompt: list = flag(None, "a prompt (repeatable); default: read stdin, one per line", action="append")
+    data: str = flag(None, "prompts to answer in batches: Alpaca JSON/JSONL, or .txt (one a line)", path_text)
+    out: str = flag(None, "with --data: JSONL answers, a record per prompt and adapter", path_text)
+    batch_size: int = flag(8, "with --data: rows decoded together", positive_int)
     raw: bool = flag(False, "send prompts as they are, without the Alpaca template")
     no_adapter: bool = flag(False, "answer with the base model alone")
-    compare: bool = flag(False, "answer each prompt with the base model and with the adapter")
+    compare: bool = flag(False, "answer each prompt with the base model too")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device", device_name)
     dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 elsewhere",
                       choices=["auto", "float32", "bfloat16", "float16"])
-    compile: bool = flag(False, "torch.compile the single-token step")
-    sdpa: bool = flag(False, "causal attention through scaled_dot_product_attention")
+    compile: bool = flag(False, "torch.compile the one-token step (on CUDA with CUDA graphs)")
+    attention: str = flag("sdpa", "causal attention: sdpa (faster) or einsum (the lines model.py spells out)",
+                          choices=["sdpa", "einsum"])
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.data is None) != (self.out is None):
+            raise UserError("--data and --out go together: the prompts file and the answers file")
+        if self.compare and not self.adapter:
+            raise UserError("--compare needs --adapter FILE")
+
+
+class Column(NamedTuple):
+    """One way of answering every prompt: the base model (aligner None) or an adapter file."""
+    name: str
+    aligner: Aligner
+    template: str
 
 
 def load_for_generation(cfg: GenerateConfig):
-    """(model, tokenizer, aligner or None, template) as the config asks."""
+    """(model, tokenizer, Columns), the base model's column first when asked."""
+    adapters = [(path, Aligner.load(path)) for path in cfg.adapter or [] if not cfg.no_adapter]
+    bases = {str(a.base(cfg.model, path)) for path, a in adapters}
+    if len(bases) > 1:
+        raise UserError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}): "
+                        f"pass --model DIR to use one")
+    path = model_dir(bases.pop() if bases else cfg.model)
     device = pick_device(cfg.device)
-    aligner, template = None, "alpaca"
-    if cfg.adapter:
-        aligner = Aligner.load(cfg.adapter)
-        template = aligner.meta.get("template", "alpaca")
-    base = cfg.model or (aligner.meta.get("base") if aligner else None)
-    if base and not cfg.model and not (Path(base) / "params.json").is_file():
-        raise UserError(f"{cfg.adapter} was trained on {base}, which is not there: pass --model DIR")
-    path = model_dir(base)
     model = load_model(path, device, pick_dtype(cfg.dtype, device))
-    model.use_sdpa(cfg.sdpa)
-    if aligner is not None and not cfg.no_adapter:
-        aligner.check_fits(model.args, str(path))
-        if model.args.wo_bias_from >= 0:
-            raise UserError(f"{path} already has an Aligner merged into it (aligner.py merge): use it "
-                            f"without --adapter, or pass the original base with --model")
-        aligner.to(device)
-    return model, Tokenizer(path), aligner, "raw" if cfg.raw else template
+    model.use_sdpa(cfg.attention == "sdpa")
+    for _, a in adapters:
+        a.check_fits(model.args, str(path))
+        a.to(device)
+    columns = [Column(p, a, "raw" if cfg.raw else a.meta.get("template", "alpaca")) for p, a in adapters]
+    if cfg.compare or not columns:
+        columns.insert(0, Column("base", None, "raw" if cfg.raw else "alpaca"))
+    return model, Tokenizer(path), columns
+
+
+def batches(model, columns, n_prompts: int, batch_size: int):
+    """(AlignerBatch set for the rows, [(prompt index, column index)] of the rows) for every batch.
+    Columns are grouped by token count; the base model rides with the first Aligner's group."""
+    first_n = next((col.aligner.n_tokens for col in columns if col.aligner), 0)
+    groups = {}
+    for c, col in enumerate(columns):
+        groups.setdefault(col.aligner.n_tokens if col.aligner else first_n, []).append(c)
+    for cols in groups.values():
+        aligners = [columns[c].aligner for c in cols if columns[c].aligner]
+        batcher = AlignerBatch(aligners, model.args).to(model.output.weight.device)
+        slot = {c: aligners.index(columns[c].aligner) + 1 if columns[c].aligner else 0 for c in cols}
+        jobs = [(r, c) for c in cols for r in range(n_prompts)]
+        for chunk in (jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size)):
+            batcher.use([slot[c] for _, c in chunk])
+            yield batcher, chunk
+
+
+def answer_file(cfg: GenerateConfig, model, tok, columns, forward):
+    """Every prompt of --data with every column, in batches; the records go to --out atomically.
+    Rows are grouped by the Aligner's token count, so each batch can mix Aligners (and the base)."""
+    prompts, answers = read_prompts(cfg.data), {}
+    pad_id = tok.eos_id if tok.eos_id is not None else 0
+    bar = tqdm(total=len(prompts) * len(columns), desc="answers", unit="prompt", dynamic_ncols=True)
+    for batcher, chunk in batches(model, columns, len(prompts), cfg.batch_size):
+        ids = [tok.encode(format_prompt(*prompts[r], template=columns[c].template)) for r, c in chunk]
+        torch.manual_seed(cfg.seed)
+        answers.update(zip(chunk, generate_batch(model, ids, batcher, cfg, tok.eos_id, forward, pad_id)))
+        bar.update(len(chunk))
+    bar.close()
+    rows = [{**p._asdict(), "adapter": columns[c].name, "answer": tok.decode(ids),
+             "new_tokens": len(ids) - (ids[-1:] == [tok.eos_id])}
+            for r, p in enumerate(prompts) for c in range(len(columns)) for ids in [answers[r, c]]]
+    atomic_write(cfg.out, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
+    print(f"wrote {cfg.out}: {len(rows)} answers ({len(prompts)} prompts x {len(columns)})")
 
 
 def respond(cfg: GenerateConfig):
-    if cfg.compare and not cfg.adapter:
-        raise UserError("--compare needs --adapter FILE")
-    model, tok, aligner, template = load_for_generation(cfg)
-    forward = torch.compile(model, dynamic=False) if cfg.compile else model
+    if cfg.out:  # before any work: the answers must not overwrite an input
+        model_files = list(Path(cfg.model).glob("*")) if cfg.model else []
+        check_output_file(cfg.out, [cfg.data, *(cfg.adapter or []), *model_files])
+    model, tok, columns = load_for_generation(cfg)
+    forward = torch.compile(model, dynamic=False, mode="reduce-overhead" if model.output.weight.is_cuda
+                            else None) if cfg.compile else model
+    if cfg.data:
+        return answer_file(cfg, model, tok, columns, forward)
     for text in filter(str.strip, cfg.prompt or stdin_lines()):
         if not valid_text(text):
             raise UserError("a prompt is not valid UTF-8 text")
-        full = format_prompt(text, template=template)
-        if cfg.compare:
-            for label, a in (("base", None), ("aligned", aligner)):
-                print(f"--- {label}: ", end="", flush=True)
-                answer(model, tok, full, a, cfg, sys.stdout, forward)
-        else:
-            answer(model, tok, full, None if cfg.no_adapter else aligner, cfg, sys.stdout, forward)
-
-
-def stdin_lines():
-    """The lines of standard input, one prompt each; a line that is not UTF-8 is refused."""
-    for n, line in enumerate(sys.stdin.buffer, 1):
-        try:
-            yield line.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            raise UserError(f"standard input, line {n}: not UTF-8 text") from None
+        for name, aligner, template in columns:
+            if len(columns) > 1:  # label each answer: base and aligned, or the adapter's file
+                print(f"--- {'aligned' if len(columns) == 2 and aligner else name}: ", end="", flush=True)
+            answer(model, tok, format_prompt(text, template=template), aligner, cfg, sys.stdout, forward)
 
 
 def main(argv=None):
-    run_main(respond, parse_config(GenerateConfig, argv, __doc__))
+    run_main(lambda: respond(parse_config(GenerateConfig, argv, __doc__)))
 
 
 if __name__ == "__main__":

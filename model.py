@@ -74,14 +74,15 @@ class RMSNorm(nn.Module):
 
 
 def rope(pos, head_dim: int, theta: float):
-    """cos and signed sin of the angles pos * theta^(-2i/E), each (T, 1, E), fp32, laid out for
-    Meta's interleaved pairs: rotating (x0, x1) gives (x0 cos - x1 sin, x1 cos + x0 sin).
-    Computed from positions on every call (it is tiny), so no buffer can be rounded by .to(bf16)."""
+    """cos and signed sin of the angles pos * theta^(-2i/E) for positions pos (B, T), each
+    (B, T, 1, E), fp32, laid out for Meta's interleaved pairs: rotating (x0, x1) gives
+    (x0 cos - x1 sin, x1 cos + x0 sin). Computed from positions on every call (it is tiny), so
+    no buffer can be rounded by .to(bf16)."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)  # (E/2,)
-    angle = pos.float()[:, None] * inv_freq[None, :]  # (T, E/2)
-    cos = angle.cos().repeat_interleave(2, -1)  # (T, E): cos, cos for each pair
-    sin = torch.stack((-angle.sin(), angle.sin()), -1).flatten(-2)  # (T, E): -sin, +sin for each pair
-    return cos[:, None, :], sin[:, None, :]  # (T, 1, E) each
+    angle = pos.float()[..., None] * inv_freq  # (B, T, E/2)
+    cos = angle.cos().repeat_interleave(2, -1)  # (B, T, E): cos, cos for each pair
+    sin = torch.stack((-angle.sin(), angle.sin()), -1).flatten(-2)  # (B, T, E): -sin, +sin for each pair
+    return cos[..., None, :], sin[..., None, :]  # (B, T, 1, E) each
 
 
 def apply_rope(x, cos, sin):
@@ -92,18 +93,18 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """Keys and values of the positions seen so far, for decoding one token at a time.
-
-    `prefix_kv` holds this layer's Aligner keys/values, computed once when the cache is set up
-    (they do not depend on the input) and reused at every step. Training never uses a cache,
-    so there they are always computed from the Aligner's current tokens."""
+    """One layer's keys and values of the positions seen so far, for decoding a batch of rows one
+    token at a time. Allocated once, for the largest batch and length asked, and reused by every
+    batch. `prefix_kv` holds this layer's Aligner keys/values, computed once per batch (they do
+    not depend on the input) and reused at every step. Training never uses a cache, so there they
+    are always computed from the Aligner's current tokens."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, max_len, n_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.prefix_kv = None  # (pk, pv), each (N, K, E), or None without an Aligner
+        self.prefix_kv = None  # (pk, pv), each (N, K, E) or (B, N, K, E), or None without an Aligner
 
     def update(self, pos, xk, xv):
         b = xk.shape[0]
@@ -121,18 +122,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         has_bias = 0 <= args.wo_bias_from <= layer_id
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=has_bias)
-        self.cache = None  # a KVCache while decoding
         self.sdpa = False  # True: the causal part through F.scaled_dot_product_attention (same result)
 
     def prefix_kv(self, tokens, dtype):
         """The Aligner tokens through this layer's frozen wk, wv: no norm, and no RoPE."""
-        n = tokens.shape[0]
-        tokens = tokens.to(dtype)  # (N, D)
-        pk = self.wk(tokens).view(n, self.n_kv_heads, self.head_dim)  # (N, K, E)
-        pv = self.wv(tokens).view(n, self.n_kv_heads, self.head_dim)  # (N, K, E)
+        tokens = tokens.to(dtype)  # (N, D), or (B, N, D) with one Aligner per row
+        pk = self.wk(tokens).unflatten(-1, (self.n_kv_heads, self.head_dim))  # (N, K, E) or (B, N, K, E)
+        pv = self.wv(tokens).unflatten(-1, (self.n_kv_heads, self.head_dim))  # (N, K, E) or (B, N, K, E)
         return pk, pv
 
-    def forward(self, x, pos, rope, mask, prefix=None):
+    def forward(self, x, pos, rope, mask, prefix=None, cache=None):
         # Legend: b batch, t query positions, s key positions, h query heads, k key/value heads,
         # g query heads per key/value head (h = k * g), e head width, n Aligner tokens.
         b, t, _ = x.shape
@@ -142,13 +141,13 @@ class Attention(nn.Module):
         xk = self.wk(x).view(b, t, k_heads, e)  # (b, t, k, e)
         xv = self.wv(x).view(b, t, k_heads, e)  # (b, t, k, e)
         xq, xk = apply_rope(xq, *rope), apply_rope(xk, *rope)  # positions enter here only
-        if self.cache is not None:
-            xk, xv = self.cache.update(pos, xk, xv)  # (b, s, k, e): every cached position
+        if cache is not None:
+            xk, xv = cache.update(pos, xk, xv)  # (b, s, k, e): every cached position
         xq = xq.view(b, t, k_heads, g, e)  # grouped-query: query head h = kv head * g + group index
-        # causal attention; mask (t, s) is 0 where key s is visible from query t, else -inf
+        # causal attention; mask (b, 1, 1, t, s) is 0 where key s is visible from query t, else -inf
         if self.sdpa:
             y = F.scaled_dot_product_attention(xq.flatten(2, 3).transpose(1, 2), xk.transpose(1, 2),
-                                               xv.transpose(1, 2), mask.type_as(xq), enable_gqa=True)
+                                               xv.transpose(1, 2), mask[:, :, 0].type_as(xq), enable_gqa=True)
             y = y.transpose(1, 2).view(b, t, k_heads, g, e)  # (b, t, k, g, e)
         else:
             scores = torch.einsum("btkge,bske->bkgts", xq, xk) / math.sqrt(e)  # (b, k, g, t, s)
@@ -156,12 +155,13 @@ class Attention(nn.Module):
             y = torch.einsum("bkgts,bske->btkge", att, xv)  # (b, t, k, g, e)
         # Aligner: the shared tokens, with a softmax of their own, gated per head
         if prefix is not None:
-            tokens, gate = prefix  # (n, D), (h,)
-            pk, pv = self.cache.prefix_kv if self.cache is not None else self.prefix_kv(tokens, x.dtype)
-            p_scores = torch.einsum("btkge,nke->bkgtn", xq, pk) / math.sqrt(e)  # (b, k, g, t, n)
+            tokens, gate = prefix  # (n, D) and (h,) for the whole batch, or (b, n, D) and (b, h) per row
+            pk, pv = cache.prefix_kv if cache is not None else self.prefix_kv(tokens, x.dtype)  # [b,] n, k, e
+            pk, pv = pk.expand(b, *pk.shape[-3:]), pv.expand(b, *pv.shape[-3:])  # (b, n, k, e) each
+            p_scores = torch.einsum("btkge,bnke->bkgtn", xq, pk) / math.sqrt(e)  # (b, k, g, t, n)
             p_att = p_scores.float().softmax(-1).type_as(xq)  # (b, k, g, t, n) over the n tokens
-            py = torch.einsum("bkgtn,nke->btkge", p_att, pv)  # (b, t, k, g, e)
-            y = y + gate.to(y.dtype).view(k_heads, g, 1) * py  # (b, t, k, g, e)
+            py = torch.einsum("bkgtn,bnke->btkge", p_att, pv)  # (b, t, k, g, e)
+            y = y + gate.to(y.dtype).expand(b, self.n_heads).view(b, 1, k_heads, g, 1) * py  # (b, t, k, g, e)
         return self.wo(y.reshape(b, t, -1))  # (b, t, D)
 
 
@@ -184,8 +184,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, pos, rope, mask, prefix=None):
-        h = x + self.attention(self.attention_norm(x), pos, rope, mask, prefix)  # (B, T, D)
+    def forward(self, x, pos, rope, mask, prefix=None, cache=None):
+        h = x + self.attention(self.attention_norm(x), pos, rope, mask, prefix, cache)  # (B, T, D)
         return h + self.feed_forward(self.ffn_norm(h))  # (B, T, D)
 
 
@@ -200,30 +200,40 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.activation_checkpointing = False  # train.py --activation-checkpointing
-        self.cache_aligner = None  # the Aligner whose keys/values the KV caches hold
+        self.caches = None  # a KVCache per layer, kept for reuse (setup_cache)
+        self.decoding = False  # True between setup_cache and clear_cache: forward uses the caches
+        self.cache_aligner = None  # the Aligner whose keys/values the caches hold
+        self.pad = None  # (B,) while decoding: the left padding of each row
 
-    def forward(self, ids, aligner=None, pos=None):
-        """Token ids (B, T) -> logits (B, T, vocab). With a cache set up, `pos` (T,) says where
-        the ids sit in the sequence; without one they are the whole sequence from 0."""
-        if pos is None:
-            pos = torch.arange(ids.shape[1], device=ids.device)  # (T,)
-        cache = self.layers[0].attention.cache
-        if cache is not None and aligner is not self.cache_aligner:
+    def forward(self, ids, aligner=None, pos=None, keep=None):
+        """Token ids (B, T) -> logits (B, T, vocab). While decoding, `pos` (T,) says which columns of
+        the cache the ids fill, and each row's left padding (given to setup_cache) is masked and
+        shifts its positions; otherwise the ids are whole sequences from 0. With `keep`, a (B, T)
+        mask, only the kept positions get logits, (n, vocab): a loss that needs no more saves the
+        vocabulary projection (a fifth of a small model's work) everywhere else."""
+        if self.decoding and aligner is not self.cache_aligner:
             raise ValueError("the KV cache holds the keys/values of another Aligner (or of none): "
                              "call setup_cache(batch, max_len, aligner) with the one you decode with")
-        n_keys = cache.k.shape[1] if cache is not None else ids.shape[1]  # S
-        visible = pos[:, None] >= torch.arange(n_keys, device=ids.device)  # (T, S) causal
-        mask = torch.zeros(visible.shape, device=ids.device).masked_fill(~visible, float("-inf"))  # (T, S)
-        cos_sin = rope(pos, self.args.head_dim, self.args.rope_theta)  # (T, 1, E) each
+        caches = self.caches if self.decoding else [None] * len(self.layers)
+        pos = torch.arange(ids.shape[1], device=ids.device) if pos is None else pos  # (T,)
+        no_pad = torch.zeros(1, dtype=torch.long, device=ids.device)  # (1,)
+        pad = self.pad[: ids.shape[0]] if self.decoding else no_pad  # (B,) or (1,): each row's left padding
+        n_keys = caches[0].k.shape[1] if self.decoding else ids.shape[1]  # S
+        keys = torch.arange(n_keys, device=ids.device)  # (S,)
+        # key s is visible from query t if s <= t and s is no padding (a padding query sees itself alone)
+        visible = (pos[:, None] >= keys) & ((keys >= pad[:, None, None]) | (pos[:, None] == keys))  # B, T, S
+        mask = torch.zeros(visible.shape, device=ids.device).masked_fill(~visible, float("-inf"))  # (B, T, S)
+        cos_sin = rope(pos - pad[:, None], self.args.head_dim, self.args.rope_theta)  # (B, T, 1, E) each
         h = self.tok_embeddings(ids)  # (B, T, D)
-        for i, layer in enumerate(self.layers):
+        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             prefix = aligner.prefix(i) if aligner is not None else None  # None below start_layer
+            args = (h, pos, cos_sin, mask[:, None, None], prefix, cache)  # mask (B, 1, 1, T, S)
             if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, pos, cos_sin, mask, prefix,
-                                                      use_reentrant=False)  # (B, T, D)
+                h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)  # (B, T, D)
             else:
-                h = layer(h, pos, cos_sin, mask, prefix)  # (B, T, D)
-        return self.output(self.norm(h)).float()  # (B, T, vocab)
+                h = layer(*args)  # (B, T, D)
+        h = self.norm(h) if keep is None else self.norm(h[keep])  # (B, T, D) or (n, D)
+        return self.output(h).float()  # (B, T, vocab) or (n, vocab)
 
     def use_sdpa(self, on: bool = True):
         """Route the causal attention through F.scaled_dot_product_attention (fused kernels) instead
@@ -232,18 +242,20 @@ class Transformer(nn.Module):
             layer.attention.sdpa = on
 
     @torch.no_grad()
-    def setup_cache(self, batch: int, max_len: int, aligner=None):
-        """Fresh KV caches for one generation, with each layer's Aligner keys/values computed
-        here, once. Call again for every new prompt; forward refuses any other Aligner."""
+    def setup_cache(self, batch: int, max_len: int, aligner=None, pad=None):
+        """KV caches for a batch of rows up to `max_len` long, each left-padded by pad (B,) columns,
+        with each layer's Aligner keys/values computed here, once per batch. The buffers are made
+        once, for the largest batch and length asked, and reused; forward refuses another Aligner."""
         p = self.output.weight
-        self.cache_aligner = aligner
-        for i, layer in enumerate(self.layers):
-            attn = layer.attention
-            attn.cache = KVCache(batch, max_len, attn.n_kv_heads, attn.head_dim, p.dtype, p.device)
+        if self.caches is None or self.caches[0].k.shape[0] < batch or self.caches[0].k.shape[1] < max_len:
+            self.caches = nn.ModuleList(KVCache(batch, max_len, self.args.n_kv_heads, self.args.head_dim,
+                                                p.dtype, p.device) for _ in self.layers)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=p.device) if pad is None else pad.to(p.device)
+        self.decoding, self.cache_aligner = True, aligner
+        for i, (layer, cache) in enumerate(zip(self.layers, self.caches)):
             prefix = aligner.prefix(i) if aligner is not None else None
-            attn.cache.prefix_kv = attn.prefix_kv(prefix[0], p.dtype) if prefix is not None else None
+            cache.prefix_kv = layer.attention.prefix_kv(prefix[0], p.dtype) if prefix is not None else None
 
     def clear_cache(self):
-        self.cache_aligner = None
-        for layer in self.layers:
-            layer.attention.cache = None
+        """Back to whole sequences (training); the buffers stay for the next setup_cache."""
+        self.decoding, self.cache_aligner, self.pad = False, None, None

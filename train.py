@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 import parallel
 from aligner import Aligner, load_file
-from cli import (UserError, atomic_save, check_flags, check_output_file, count, device_name, flag, fraction,
-                 non_negative_float, parse_config, path_text, pick_device, pick_dtype, positive_float,
-                 positive_int, random_seed, run_main)
+from cli import (JsonLines, UserError, atomic_save, check_flags, check_output_file, count, device_name, flag,
+                 fraction, non_negative_float, parse_config, path_text, pick_device, pick_dtype,
+                 positive_float, positive_int, random_seed, run_main)
 from convert_weights import DEFAULT_MODEL_DIR, load_model, model_dir
 from data import IGNORE, Batch, Tokenizer, batch_indices, collate, load_examples, split
 from dpo import DPOLoss, load_pairs
@@ -42,15 +42,12 @@ from model import Transformer
 class TrainConfig:
     """One training run; `python train.py --help` lists the same fields as flags."""
     data: str = flag(None, "Alpaca-style JSON or JSONL file", path_text, required=True)
-    model: str = flag(None, "converted base model directory (default: the embedded SmolLM2-135M-Instruct)",
-                      path_text)
-    out: str = flag("out.pt", "adapter file to write (and to --resume from); metrics go to OUT.metrics.jsonl",
-                    path_text)
+    model: str = flag(None, "converted base model directory (default: the embedded SmolLM2)", path_text)
+    out: str = flag("out.pt", "adapter to write (and --resume); metrics go to OUT.metrics.jsonl", path_text)
     tokens: int = flag(1, "number of shared Aligner tokens N", positive_int)
     start_layer: int = flag(2, "first layer that attends to the Aligner", count)
     per_layer: bool = flag(False, "one prompt per layer: the LLaMA-Adapter baseline")
-    init: str = flag(None, "start from this adapter (with --dpo: the SFT Aligner, also the reference)",
-                     path_text)
+    init: str = flag(None, "start from this adapter (with --dpo: also the reference policy)", path_text)
     epochs: float = flag(8, "passes over the training data", positive_float)
     max_steps: int = flag(None, "optimizer steps (overrides --epochs)", positive_int)
     max_time: float = flag(None, "stop after this many seconds of training (and save)", positive_float)
@@ -74,9 +71,9 @@ class TrainConfig:
     dtype: str = flag("auto", "base model dtype; auto: bfloat16 on cuda, float32 elsewhere",
                       choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool = flag(False, "torch.compile the model's forward")
-    sdpa: bool = flag(False, "causal attention through scaled_dot_product_attention (faster, same result)")
-    activation_checkpointing: bool = flag(False, "recompute each layer's activations in backward: far "
-                                                 "less memory, about a third more time")
+    attention: str = flag("sdpa", "sdpa (fused, faster) or einsum (model.py's own lines): the same numbers",
+                          choices=["sdpa", "einsum"])
+    activation_checkpointing: bool = flag(False, "recompute activations in backward: less memory, more time")
     shard: bool = flag(False, "under torchrun: shard the frozen base across processes (FSDP2)")
     dpo: bool = flag(False, "Direct Preference Optimization on {chosen, rejected} pairs (dpo.py)")
     beta: float = flag(0.1, "DPO temperature beta", positive_float)
@@ -107,13 +104,16 @@ def get_lr(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> 
 
 
 class SFTLoss:
-    """Next-token cross-entropy over the labelled tokens: the logits at t predict the token at t+1."""
+    """Next-token cross-entropy over the labelled tokens: the logits at t predict the token at t+1.
+    Only labelled positions reach the output projection (a prompt costs its layers, not its logits)."""
 
     collate = staticmethod(collate)
 
     def __call__(self, model, aligner, batch: Batch):
-        logits = model(batch.ids[:, :-1], aligner)  # (B, T-1, vocab)
-        return F.cross_entropy(logits.flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=IGNORE)
+        labels = batch.labels[:, 1:]  # (B, T-1)
+        keep = labels != IGNORE  # (B, T-1)
+        logits = model(batch.ids[:, :-1], aligner, keep=keep)  # (n, vocab), n labelled positions
+        return F.cross_entropy(logits, labels[keep])
 
     def pop_stats(self) -> dict:
         return {}
@@ -135,10 +135,7 @@ class Run:
     total: int  # optimizer steps
     warmup: int
     step: int = 0
-
-    @property
-    def pad_id(self) -> int:
-        return self.tok.eos_id if self.tok.eos_id is not None else 0
+    pad_id: int = 0  # the id that pads a batch: the tokenizer's EOS where it has one
 
 
 # ---- set-up ----------------------------------------------------------------------------------------
@@ -155,7 +152,7 @@ def setup(cfg: TrainConfig, model=None, params=None) -> Run:
                         f"{cfg.micro_batch_size} times the {ranks.world} process(es)")
     checkpoint = read_checkpoint(cfg.out) if cfg.resume else None
     path = model_dir(cfg.model)
-    model = model or load_base(cfg, path, ranks)
+    model = load_base(cfg, path, ranks, model)
     tok = Tokenizer(path)
     data = load_data(cfg, tok)
     val, train_set = split(data.examples, cfg.val_fraction, cfg.seed)
@@ -169,7 +166,8 @@ def setup(cfg: TrainConfig, model=None, params=None) -> Run:
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
     forward = torch.compile(model) if cfg.compile else model
-    run = Run(model, forward, tok, aligner, params, loss_fn, optimizer, train_set, val, ranks, total, warmup)
+    run = Run(model, forward, tok, aligner, params, loss_fn, optimizer, train_set, val, ranks, total, warmup,
+              pad_id=tok.eos_id if tok.eos_id is not None else 0)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         run.step = checkpoint["step"]
@@ -193,10 +191,11 @@ def read_checkpoint(path) -> dict:
     return d
 
 
-def load_base(cfg: TrainConfig, path: Path, ranks: parallel.Ranks) -> Transformer:
-    model = load_model(path, ranks.device, pick_dtype(cfg.dtype, ranks.device))
+def load_base(cfg: TrainConfig, path: Path, ranks: parallel.Ranks, model=None) -> Transformer:
+    """The frozen base (loaded here unless given) with the config's attention and memory options."""
+    model = model or load_model(path, ranks.device, pick_dtype(cfg.dtype, ranks.device))
     model.activation_checkpointing = cfg.activation_checkpointing
-    model.use_sdpa(cfg.sdpa)
+    model.use_sdpa(cfg.attention == "sdpa")
     if cfg.shard:
         parallel.shard_model(model)
     return model
@@ -220,10 +219,10 @@ def make_aligner(cfg: TrainConfig, model: Transformer, path: Path, checkpoint) -
 def describe(run: Run, cfg: TrainConfig, path: Path, data):
     if run.ranks.rank > 0:
         return
-    a, n_layers = run.aligner, run.model.args.n_layers
+    a, n_layers, weight = run.aligner, run.model.args.n_layers, run.model.output.weight
     n_base = sum(p.numel() for p in run.model.parameters())
-    dtype = str(next(run.model.parameters()).dtype).removeprefix("torch.")
-    print(f"model {path} ({n_base / 1e6:.1f}M parameters, frozen) on {run.ranks.device}, {dtype}")
+    print(f"model {path} ({n_base / 1e6:.1f}M parameters, frozen) on {run.ranks.device}, "
+          f"{str(weight.dtype).removeprefix('torch.')}")
     what = (f"Aligner: {a.n_tokens} token(s){' per layer' if a.per_layer else ''}, layers "
             f"{a.start_layer}..{n_layers - 1}" if a is not None else "the parameters given")
     print(f"{what}: {sum(p.numel() for p in run.params):,} trainable parameters")
@@ -231,9 +230,8 @@ def describe(run: Run, cfg: TrainConfig, path: Path, data):
           f"{data.truncated} truncated to {cfg.max_seq_len} tokens, {data.dropped} dropped (no response "
           f"token left)")
     accum = cfg.batch_size // cfg.micro_batch_size
-    world = f", {run.ranks.world} processes" if run.ranks.world > 1 else ""
     print(f"{run.total} optimizer steps of {cfg.batch_size} examples ({accum} x {cfg.micro_batch_size}), "
-          f"warmup {run.warmup}, lr {cfg.lr} {cfg.schedule}{world}")
+          f"warmup {run.warmup}, lr {cfg.lr} {cfg.schedule}, {run.ranks.world} process(es)")
 
 
 # ---- one optimizer step, evaluation, saving --------------------------------------------------------
@@ -277,21 +275,7 @@ def estimate_loss(run: Run, cfg: TrainConfig) -> float:
     return sum(losses) / max(1, len(losses))
 
 
-class Metrics:
-    """OUT.metrics.jsonl: a JSON line per step and per evaluation, written by rank 0 alone."""
-
-    def __init__(self, out, resume: bool, rank: int):
-        self.path = Path(out).with_suffix(".metrics.jsonl") if out and rank == 0 else None
-        if self.path and not resume:
-            self.path.write_text("")  # a fresh run starts a fresh file; --resume appends
-
-    def write(self, row: dict):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def evaluate(run: Run, cfg: TrainConfig, metrics: Metrics, bar):
+def evaluate(run: Run, cfg: TrainConfig, metrics: JsonLines, bar):
     """The validation loss to the metrics file, and a greedy answer to a held-out prompt on screen."""
     if not run.val:
         return
@@ -325,7 +309,9 @@ def save(run: Run, cfg: TrainConfig):
 # ---- the loop ----------------------------------------------------------------------------------------
 def loop(run: Run, cfg: TrainConfig) -> bool:
     """Train until the last step, --max-time or Ctrl-C; True if Ctrl-C stopped it."""
-    metrics = Metrics(cfg.out, cfg.resume, run.ranks.rank)
+    # OUT.metrics.jsonl, a line per step and evaluation, by rank 0 alone; started afresh unless --resume
+    path = Path(cfg.out).with_suffix(".metrics.jsonl") if cfg.out and run.ranks.rank == 0 else None
+    metrics = JsonLines(path, fresh=not cfg.resume)
     bar = tqdm(total=run.total, initial=run.step, desc="train", dynamic_ncols=True,
                disable=cfg.quiet or run.ranks.rank > 0)
     interrupted = []
@@ -334,12 +320,7 @@ def loop(run: Run, cfg: TrainConfig) -> bool:
     try:
         if cfg.eval_every and not cfg.resume:
             evaluate(run, cfg, metrics, bar)  # the starting point: the base model, or the --init Aligner
-        while run.step < run.total:
-            out_of_time = bool(cfg.max_time) and time.time() - t0 > cfg.max_time
-            if parallel.all_sum(float(bool(interrupted) or out_of_time), run.ranks) > 0:  # all ranks agree
-                if out_of_time:
-                    bar.write(f"stopping at step {run.step}: --max-time {cfg.max_time}s reached")
-                break
+        while run.step < run.total and not should_stop(run, cfg, time.time() - t0, interrupted, bar):
             loss, lr, n = train_step(run, cfg)
             n_seen += n
             tok_s = n_seen / (time.time() - t0)
@@ -355,6 +336,14 @@ def loop(run: Run, cfg: TrainConfig) -> bool:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
     return bool(interrupted)
+
+
+def should_stop(run: Run, cfg: TrainConfig, seconds: float, interrupted: list, bar) -> bool:
+    """Ctrl-C, or --max-time used up; every rank agrees, so that all stop at the same step."""
+    out_of_time = bool(cfg.max_time) and seconds > cfg.max_time
+    if out_of_time:
+        bar.write(f"stopping at step {run.step}: --max-time {cfg.max_time}s reached")
+    return parallel.all_sum(float(bool(interrupted) or out_of_time), run.ranks) > 0
 
 
 def train(cfg: TrainConfig, model=None, params=None):

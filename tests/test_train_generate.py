@@ -4,7 +4,9 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +63,31 @@ def test_labels_mask_the_prompt(tiny):
     assert encode_example(tok, prompt, "hi there", n, full_text=False) is None  # nothing left to learn
 
 
+@pytest.mark.parametrize("attention", ["einsum", "sdpa"])
+def test_loss_on_labelled_positions_equals_the_full_loss(tiny, attention):
+    """The output projection runs only where there is a label; the loss (and its gradient) must be
+    the cross-entropy of the full logits with the prompt and padding ignored, to 1e-6."""
+    from data import collate, load_examples
+    from test_model import nonzero_aligner
+
+    _, path = tiny
+    model, tok = load_model(path), Tokenizer(path)
+    model.use_sdpa(attention == "sdpa")
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "r.json").write_text(json.dumps(RECORDS[:6]))
+        batch = collate(load_examples(Path(d) / "r.json", tok, 256).examples, tok.eos_id, "cpu")
+    aligner = nonzero_aligner(model.args, 2)
+    ours = train.SFTLoss()(model, aligner, batch)
+    ours.backward()
+    grad, aligner.gates.grad = aligner.gates.grad.clone(), None
+    full = model(batch.ids[:, :-1], aligner)  # (B, T-1, vocab)
+    reference = torch.nn.functional.cross_entropy(full.flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=IGNORE)
+    reference.backward()
+    assert (batch.labels == IGNORE).float().mean() > 0.3  # prompts and padding really are skipped
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, aligner.gates.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_get_lr_warms_up_in_optimizer_steps():
     cfg = train.TrainConfig(data="x", lr=0.01)
     lrs = [train.get_lr(s, cfg, total_steps=20, warmup_steps=4) for s in range(20)]
@@ -72,10 +99,10 @@ def test_get_lr_warms_up_in_optimizer_steps():
 
 def test_training_learns_and_only_the_aligner_changes(tiny, data, tmp_path):
     _, path = tiny
-    out = tmp_path / "a.pt"
+    out = tmp_path / "new" / "folder" / "a.pt"  # made on the way
     before = {k: v.clone() for k, v in load_model(path).state_dict().items()}
     train.main(train_args(path, data, out, "--max-steps", "12", "--lr", "3e-2"))
-    ls = losses(tmp_path / "a.metrics.jsonl")
+    ls = losses(out.with_suffix(".metrics.jsonl"))
     assert len(ls) == 12 and sum(ls[-3:]) / 3 < sum(ls[:3]) / 3
     aligner = Aligner.load(out)
     assert aligner.gates.abs().sum() > 0 and aligner.meta["base"] == str(path.resolve())
