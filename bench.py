@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from aligner import Aligner
 from cli import flag, fraction, parse_config
-from convert_weights import hf_state
+from convert_weights import QUANTIZE, hf_state, quantize_base, storage_bytes
 from data import IGNORE, Batch
 from generate import Sampling, generate_batch
 from model import CONFIGS, Transformer
@@ -142,6 +142,7 @@ class BenchConfig:
     prompt: float = flag(0.6, "share of each sequence that is prompt, with no label (the bundled data: "
                               "38 of 61 tokens)", fraction)
     activation_checkpointing: bool = flag(False, "recompute our layers in backward")
+    quantize: str = flag("none", "our frozen layers in 8 or 4 bits (needs torchao)", choices=QUANTIZE)
     no_peer: bool = flag(False, "skip transformers + PEFT")
 
 
@@ -285,15 +286,18 @@ def bench(cfg: BenchConfig):
     aligner = Aligner(margs, cfg.tokens).to(device)
     with torch.no_grad():
         aligner.gates.normal_(0, 0.1)  # non-zero: the prefix path really runs
-    contenders = [ours(cfg, model, aligner, device)]
-    weights = {"ours": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
-    if not cfg.no_peer:
+    contenders, weights = [], {}
+    if not cfg.no_peer:  # the peer copies our weights before they are quantized
         try:
             hf, peft = peer_model(model, cfg.tokens, device, dtype)
             contenders += peers(cfg, hf, peft, device)
             weights["peer"] = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
         except ImportError:
             print("transformers/peft not installed: measuring ours only")
+    quantize_base(model, cfg.quantize)
+    weights["ours"] = sum(storage_bytes(t) for t in {id(p): p for p in model.parameters()}.values())
+    print(f"our weights: {weights['ours'] / 2**30:.2f} GiB ({cfg.quantize} quantization of the layers)")
+    contenders.insert(0, ours(cfg, model, aligner, device))
     measure(cfg, contenders, weights, margs.vocab_size, device)
     report(cfg, contenders, model, dtype, device)
 

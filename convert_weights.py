@@ -21,6 +21,7 @@ Read next: report.py (what aligner.py inspect prints; skim it), then aligner.py.
 """
 import argparse
 import json
+import logging
 import math
 import re
 import shutil
@@ -109,15 +110,63 @@ def read_state(path, device="cpu"):
         raise UserError(f"{path}: cannot read the converted checkpoint ({e}); convert it again") from None
 
 
-def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """The frozen model in a directory made by convert_weights.py (params.json + model.safetensors)."""
+def load_model(path, device="cpu", dtype=torch.float32, quantize="none") -> Transformer:
+    """The frozen model in a directory made by convert_weights.py (params.json + model.safetensors),
+    its layers' linear weights quantized when asked (see `quantize_base`)."""
     args, state = read_state(path, device)
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return model.requires_grad_(False).eval()
+    return quantize_base(model.requires_grad_(False).eval(), quantize)
+
+
+# ---- the frozen base in 8 or 4 bits (torchao), swapped in after loading ---------------------------
+QUANTIZE = ["none", "int8", "nf4"]
+
+
+def quantize_base(model: Transformer, mode: str) -> Transformer:
+    """Swap the attention and feed-forward weights of every layer (wq wk wv wo w1 w2 w3) for
+    torchao's quantized tensors; embeddings, norms and the output head stay as they are, and so
+    does model.py: its nn.Linear layers just hold other tensors. int8: weight-only int8 per output
+    channel. nf4: QLoRA's 4-bit NormalFloat in blocks of 64 with quantized scales, whose linear
+    passes gradients to its inputs, which is all an Aligner's training needs of a frozen base."""
+    if mode == "none":
+        return model
+    for name in ("torchao", "torch.utils._pytree"):  # their import-time notices of kernels this build lacks
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import torchao  # noqa: F401  (optional: only --quantize needs it)
+    except ImportError:
+        raise UserError(f"--quantize {mode} needs torchao: pip install torchao") from None
+    linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    if mode == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        for linear in linears:
+            quantize_(linear, Int8WeightOnlyConfig())
+    else:
+        try:
+            from torchao.quantization import to_nf4  # torchao >= 0.17
+        except ImportError:
+            from torchao.dtypes import to_nf4
+
+        for linear in linears:
+            n_blocks = linear.weight.numel() // 64
+            scaler_block = math.gcd(n_blocks, 256)  # scales are themselves quantized in blocks of this many
+            nf4 = to_nf4(linear.weight.data, 64, scaler_block)
+            linear.weight = torch.nn.Parameter(nf4, requires_grad=False)
+    return model
+
+
+def storage_bytes(t) -> int:
+    """Bytes a tensor really holds: a quantized tensor subclass counts its inner tensors (packed
+    data, scales), not the shape it stands for."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(storage_bytes(getattr(t, n)) for n in names)
 
 
 # ---- the official Aligner checkpoints (lit-llama format): read into aligner.py's layout ---------

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from aligner import AlignerBatch
 from cli import run_main
-from convert_weights import load_model, model_dir
+from convert_weights import QUANTIZE, load_model, model_dir
 from data import Tokenizer, format_prompt
 from generate import Sampling, generate_batch
 from train import TrainConfig, train
@@ -51,7 +51,7 @@ def demo(args):
     t0 = time.time()
     follows_form, rule = form_check()
     path = model_dir(None)
-    model, tok = load_model(path), Tokenizer(path)
+    model, tok = load_model(path, quantize=args.quantize), Tokenizer(path)
     aligner = train(TrainConfig(data=str(DATA / "form_train.json"), model=str(path), out=args.out,
                                 tokens=args.tokens, batch_size=8, micro_batch_size=8, lr=9e-3,
                                 warmup_steps=10, schedule="cosine", max_steps=400, max_time=args.seconds,
@@ -102,6 +102,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, help="evaluate only the first N held-out instructions")
     p.add_argument("--out", default="runs/demo/aligner.pt", help="where the adapter goes")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="the frozen base in 8 or 4 bits (needs torchao)")
     run_main(demo, p.parse_args(argv))
 
 

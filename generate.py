@@ -26,7 +26,7 @@ from aligner import Aligner, AlignerBatch
 from cli import (UserError, atomic_write, check_flags, check_output_file, count, device_name, flag,
                  non_negative_float, parse_config, path_text, pick_device, pick_dtype, positive_int,
                  probability, random_seed, run_main)
-from convert_weights import load_model, model_dir
+from convert_weights import QUANTIZE, load_model, model_dir
 from data import Tokenizer, format_prompt, read_prompts, stdin_lines, valid_text
 from model import Transformer
 
@@ -139,6 +139,7 @@ class GenerateConfig(Sampling):
     dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 elsewhere",
                       choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool = flag(False, "torch.compile the one-token step (on CUDA with CUDA graphs)")
+    quantize: str = flag("none", "the frozen layers in 8 or 4 bits (needs torchao)", choices=QUANTIZE)
     attention: str = flag("sdpa", "causal attention: sdpa (faster) or einsum (the lines model.py spells out)",
                           choices=["sdpa", "einsum"])
 
@@ -150,8 +151,7 @@ class GenerateConfig(Sampling):
             raise UserError("--compare needs --adapter FILE")
 
 
-class Column(NamedTuple):
-    """One way of answering every prompt: the base model (aligner None) or an adapter file."""
+class Column(NamedTuple):  # one way of answering every prompt: the base model, or an adapter file
     name: str
     aligner: Aligner
     template: str
@@ -166,7 +166,7 @@ def load_for_generation(cfg: GenerateConfig):
                         f"pass --model DIR to use one")
     path = model_dir(bases.pop() if bases else cfg.model)
     device = pick_device(cfg.device)
-    model = load_model(path, device, pick_dtype(cfg.dtype, device))
+    model = load_model(path, device, pick_dtype(cfg.dtype, device), cfg.quantize)
     model.use_sdpa(cfg.attention == "sdpa")
     for _, a in adapters:
         a.check_fits(model.args, str(path))

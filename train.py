@@ -31,7 +31,7 @@ from aligner import Aligner, load_file
 from cli import (JsonLines, UserError, atomic_save, check_flags, check_output_file, count, device_name, flag,
                  fraction, non_negative_float, parse_config, path_text, pick_device, pick_dtype,
                  positive_float, positive_int, random_seed, run_main)
-from convert_weights import DEFAULT_MODEL_DIR, load_model, model_dir
+from convert_weights import DEFAULT_MODEL_DIR, QUANTIZE, load_model, model_dir
 from data import IGNORE, Batch, Tokenizer, batch_indices, collate, load_examples, split
 from dpo import DPOLoss, load_pairs
 from generate import Sampling, generate
@@ -71,6 +71,7 @@ class TrainConfig:
     dtype: str = flag("auto", "base model dtype; auto: bfloat16 on cuda, float32 elsewhere",
                       choices=["auto", "float32", "bfloat16", "float16"])
     compile: bool = flag(False, "torch.compile the model's forward")
+    quantize: str = flag("none", "the frozen layers in 8 or 4 bits (needs torchao)", choices=QUANTIZE)
     attention: str = flag("sdpa", "sdpa (fused, faster) or einsum (model.py's own lines): the same numbers",
                           choices=["sdpa", "einsum"])
     activation_checkpointing: bool = flag(False, "recompute activations in backward: less memory, more time")
@@ -177,9 +178,8 @@ def setup(cfg: TrainConfig, model=None, params=None) -> Run:
 
 def load_data(cfg: TrainConfig, tok: Tokenizer):
     template = "raw" if cfg.raw else "alpaca"
-    if cfg.dpo:
-        return load_pairs(cfg.data, tok, cfg.max_seq_len, template)
-    return load_examples(cfg.data, tok, cfg.max_seq_len, template, cfg.full_text)
+    return (load_pairs(cfg.data, tok, cfg.max_seq_len, template) if cfg.dpo
+            else load_examples(cfg.data, tok, cfg.max_seq_len, template, cfg.full_text))
 
 
 def read_checkpoint(path) -> dict:
@@ -193,7 +193,7 @@ def read_checkpoint(path) -> dict:
 
 def load_base(cfg: TrainConfig, path: Path, ranks: parallel.Ranks, model=None) -> Transformer:
     """The frozen base (loaded here unless given) with the config's attention and memory options."""
-    model = model or load_model(path, ranks.device, pick_dtype(cfg.dtype, ranks.device))
+    model = model or load_model(path, ranks.device, pick_dtype(cfg.dtype, ranks.device), cfg.quantize)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.use_sdpa(cfg.attention == "sdpa")
     if cfg.shard:
@@ -204,7 +204,7 @@ def load_base(cfg: TrainConfig, path: Path, ranks: parallel.Ranks, model=None) -
 def make_aligner(cfg: TrainConfig, model: Transformer, path: Path, checkpoint) -> Aligner:
     """The Aligner to train: resumed, started from --init, or new (zero gates)."""
     meta = {"base": str(path.resolve()), "template": "raw" if cfg.raw else "alpaca",
-            "mode": "dpo" if cfg.dpo else "sft", "data": Path(cfg.data).name}
+            "mode": "dpo" if cfg.dpo else "sft", "data": Path(cfg.data).name, "quantize": cfg.quantize}
     if checkpoint is not None:
         aligner = Aligner.from_dict(checkpoint["aligner"], cfg.out)
     elif cfg.init:
