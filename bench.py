@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from aligner import Aligner
-from cli import flag, fraction, parse_config
-from convert_weights import QUANTIZE, hf_state, quantize_base, storage_bytes
+from cli import QUANTIZE, flag, fraction, parse_config
+from convert_weights import hf_state, quantize_base, storage_bytes
 from data import IGNORE, Batch
 from generate import Sampling, generate_batch
 from model import CONFIGS, Transformer

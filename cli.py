@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import MISSING, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ def parse_config(cls, argv, doc: str):
     """The dataclass `cls` from the command line; --help lists its fields as --flags."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
+    for f in sorted(fields(cls), key=lambda f: f.name not in cls.__annotations__):  # its own flags first
         options = dict(f.metadata)
         name = "--" + f.name.replace("_", "-")
         if f.default is False:
@@ -124,6 +124,21 @@ def device_name(text) -> str:
     if not have.get(device.type, False):
         raise argparse.ArgumentTypeError(f"this machine has no {text} device; use auto or cpu")
     return text
+
+
+QUANTIZE = ["none", "int8", "nf4"]  # the frozen base's precision (convert_weights.quantize_base)
+
+
+@dataclass
+class Runtime:
+    """Where and how the frozen base runs: the flags train.py's and generate.py's configs share."""
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device", device_name)
+    dtype: str = flag("auto", "base model dtype; auto: bfloat16 on cuda, float32 elsewhere",
+                      choices=["auto", "float32", "bfloat16", "float16"])
+    attention: str = flag("sdpa", "sdpa (fused, faster) or einsum (model.py's own lines): the same numbers",
+                          choices=["sdpa", "einsum"])
+    quantize: str = flag("none", "the frozen layers in 8 or 4 bits (needs torchao)", choices=QUANTIZE)
+    compile: bool = flag(False, "torch.compile the model (decoding on CUDA: with CUDA graphs)")
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, new_directory, run_main
+from cli import QUANTIZE, UserError, new_directory, run_main
 from model import CONFIGS, ModelArgs, Transformer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -123,9 +123,6 @@ def load_model(path, device="cpu", dtype=torch.float32, quantize="none") -> Tran
 
 
 # ---- the frozen base in 8 or 4 bits (torchao), swapped in after loading ---------------------------
-QUANTIZE = ["none", "int8", "nf4"]
-
-
 def quantize_base(model: Transformer, mode: str) -> Transformer:
     """Swap the attention and feed-forward weights of every layer (wq wk wv wo w1 w2 w3) for
     torchao's quantized tensors; embeddings, norms and the output head stay as they are, and so

@@ -22,8 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from aligner import AlignerBatch
-from cli import run_main
-from convert_weights import QUANTIZE, load_model, model_dir
+from cli import QUANTIZE, run_main
+from convert_weights import load_model, model_dir
 from data import Tokenizer, format_prompt
 from generate import Sampling, generate_batch
 from train import TrainConfig, train

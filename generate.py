@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 from aligner import Aligner, AlignerBatch
-from cli import (UserError, atomic_write, check_flags, check_output_file, count, device_name, flag,
+from cli import (Runtime, UserError, atomic_write, check_flags, check_output_file, count, flag,
                  non_negative_float, parse_config, path_text, pick_device, pick_dtype, positive_int,
                  probability, random_seed, run_main)
-from convert_weights import QUANTIZE, load_model, model_dir
+from convert_weights import load_model, model_dir
 from data import Tokenizer, format_prompt, read_prompts, stdin_lines, valid_text
 from model import Transformer
 
@@ -124,7 +124,7 @@ def answer(model, tok, text: str, aligner=None, sampling=Sampling(), stream=None
 
 
 @dataclass
-class GenerateConfig(Sampling):
+class GenerateConfig(Sampling, Runtime):
     adapter: list = flag(None, "an Aligner file (repeatable: every prompt is answered with each)", path_text,
                          action="append")
     model: str = flag(None, "converted base model directory (default: the adapters' own base)", path_text)
@@ -135,13 +135,6 @@ class GenerateConfig(Sampling):
     raw: bool = flag(False, "send prompts as they are, without the Alpaca template")
     no_adapter: bool = flag(False, "answer with the base model alone")
     compare: bool = flag(False, "answer each prompt with the base model too")
-    device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device", device_name)
-    dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 elsewhere",
-                      choices=["auto", "float32", "bfloat16", "float16"])
-    compile: bool = flag(False, "torch.compile the one-token step (on CUDA with CUDA graphs)")
-    quantize: str = flag("none", "the frozen layers in 8 or 4 bits (needs torchao)", choices=QUANTIZE)
-    attention: str = flag("sdpa", "causal attention: sdpa (faster) or einsum (the lines model.py spells out)",
-                          choices=["sdpa", "einsum"])
 
     def __post_init__(self):
         super().__post_init__()

@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 import parallel
 from aligner import Aligner, load_file
-from cli import (JsonLines, UserError, atomic_save, check_flags, check_output_file, count, device_name, flag,
+from cli import (JsonLines, Runtime, UserError, atomic_save, check_flags, check_output_file, count, flag,
                  fraction, non_negative_float, parse_config, path_text, pick_device, pick_dtype,
                  positive_float, positive_int, random_seed, run_main)
-from convert_weights import DEFAULT_MODEL_DIR, QUANTIZE, load_model, model_dir
+from convert_weights import DEFAULT_MODEL_DIR, load_model, model_dir
 from data import IGNORE, Batch, Tokenizer, batch_indices, collate, load_examples, split
 from dpo import DPOLoss, load_pairs
 from generate import Sampling, generate
@@ -39,7 +39,7 @@ from model import Transformer
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Runtime):
     """One training run; `python train.py --help` lists the same fields as flags."""
     data: str = flag(None, "Alpaca-style JSON or JSONL file", path_text, required=True)
     model: str = flag(None, "converted base model directory (default: the embedded SmolLM2)", path_text)
@@ -67,13 +67,6 @@ class TrainConfig:
     save_every: int = flag(100, "write the checkpoint every this many steps (0: only at the end)", count)
     resume: bool = flag(False, "continue from the checkpoint at --out")
     seed: int = flag(1337, "random seed (initialisation, split, batches)", random_seed)
-    device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device", device_name)
-    dtype: str = flag("auto", "base model dtype; auto: bfloat16 on cuda, float32 elsewhere",
-                      choices=["auto", "float32", "bfloat16", "float16"])
-    compile: bool = flag(False, "torch.compile the model's forward")
-    quantize: str = flag("none", "the frozen layers in 8 or 4 bits (needs torchao)", choices=QUANTIZE)
-    attention: str = flag("sdpa", "sdpa (fused, faster) or einsum (model.py's own lines): the same numbers",
-                          choices=["sdpa", "einsum"])
     activation_checkpointing: bool = flag(False, "recompute activations in backward: less memory, more time")
     shard: bool = flag(False, "under torchrun: shard the frozen base across processes (FSDP2)")
     dpo: bool = flag(False, "Direct Preference Optimization on {chosen, rejected} pairs (dpo.py)")
