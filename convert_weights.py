@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cli import QUANTIZE, UserError, new_directory, run_main
+from cli import UserError, new_directory, run_main
 from model import CONFIGS, ModelArgs, Transformer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -15,7 +15,6 @@ evaluation and saving, the loop. DPO (dpo.py) stands in for the loss with --dpo;
 (parallel.py) add one gradient sum per step under torchrun.
 Read next: demo.py (all of it at work on the embedded model), then aligner.py's merge and inspect.
 """
-import json
 import math
 import signal
 import time

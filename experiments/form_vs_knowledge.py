@@ -20,6 +20,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,10 +155,18 @@ def experiment(args):
     tasks["knowledge"] = (tasks["knowledge"][0], tasks["knowledge"][1][: n_eval * 2])
     results = [{"method": "base model (no training)", "params": 0, "form_s": 0, "knowledge_s": 0,
                 **{task: score(model, tok, None, task, held, args.quick) for task, (_, held) in tasks.items()}}]
+    with tempfile.TemporaryDirectory() as scratch:
+        results += grid(model, tok, path, tasks, args, scratch)
+    write_results(results, out, args, len(tasks["form"][1]), len(tasks["knowledge"][1]), time.time() - t_start)
+
+
+def grid(model, tok, path, tasks, args, scratch) -> list:
+    """A result row for every method: trained on each task, scored on its held-out questions."""
+    results = []
     for method in [("aligner", 1), ("aligner", 10), ("aligner", 100), ("per-layer", 10), ("lora", 8)]:
         row = {"method": NAMES[method[0]].format(method[1])}
         for task, (records, held) in tasks.items():
-            data_file = out / f"{task}_train.json"
+            data_file = Path(scratch) / f"{task}_train.json"  # train.py reads its records from a file
             data_file.write_text(json.dumps(records, indent=1) + "\n")
             aligner, n_params, seconds = run(method, model, path, data_file, args)
             with torch.no_grad():
@@ -167,7 +176,7 @@ def experiment(args):
             print(f"{row['method']:<30} {task:<10} {100 * hits:5.1f}%  ({n_params:,} params, "
                   f"{seconds:.0f} s training)", flush=True)
         results.append(row)
-    write_results(results, out, args, len(tasks["form"][1]), len(tasks["knowledge"][1]), time.time() - t_start)
+    return results
 
 
 def write_results(results, out, args, n_form, n_know, seconds):
