@@ -216,8 +216,10 @@ class Transformer(nn.Module):
                              "call setup_cache(batch, max_len, aligner) with the one you decode with")
         caches = self.caches if self.decoding else [None] * len(self.layers)
         pos = torch.arange(ids.shape[1], device=ids.device) if pos is None else pos  # (T,)
-        no_pad = torch.zeros(1, dtype=torch.long, device=ids.device)  # (1,)
-        pad = self.pad[: ids.shape[0]] if self.decoding else no_pad  # (B,) or (1,): each row's left padding
+        if self.decoding:
+            pad = self.pad[: ids.shape[0]]  # (B,): each row's left padding
+        else:
+            pad = torch.zeros(1, dtype=torch.long, device=ids.device)  # (1,): none
         n_keys = caches[0].k.shape[1] if self.decoding else ids.shape[1]  # S
         keys = torch.arange(n_keys, device=ids.device)  # (S,)
         # key s is visible from query t if s <= t and s is no padding (a padding query sees itself alone)

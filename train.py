@@ -140,7 +140,7 @@ def setup(cfg: TrainConfig, model=None, params=None) -> Run:
         check_output_file(cfg.out, [cfg.data, cfg.init, *model_files], ".metrics.jsonl")
     torch.manual_seed(cfg.seed)
     ranks = parallel.setup(pick_device(cfg.device), cfg.shard)
-    if cfg.micro_batch_size < 1 or cfg.batch_size % (cfg.micro_batch_size * ranks.world):
+    if cfg.batch_size % (cfg.micro_batch_size * ranks.world):  # the config checked it for one process
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
                         f"{cfg.micro_batch_size} times the {ranks.world} process(es)")
     checkpoint = read_checkpoint(cfg.out) if cfg.resume else None
