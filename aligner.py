@@ -212,6 +212,17 @@ def inspect(path, plot=None):
         report.plot_gates(a, plot)
 
 
+@torch.no_grad()
+def merged_bias(a: Aligner, layer: int, wv, wo, args: ModelArgs):
+    """b_l = wo_l (g_l * wv_l p): what a one-token Aligner adds to the attention output of `layer`
+    (see `merge`). wv (K*E, D) and wo (D, H*E) are that layer's weights; returns (D,) in float32."""
+    k_heads, g, e = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
+    tokens, gate = a.prefix(layer)  # (1, D), (H,)
+    pv = (wv.float() @ tokens[0].float()).view(k_heads, 1, e)  # (K, 1, E): the one prefix value
+    per_head = gate.float().view(k_heads, g, 1) * pv  # (K, G, E): head h = kv head * G + group
+    return wo.float() @ per_head.reshape(-1)  # (D,)
+
+
 def merge(adapter, out, model=None, fmt="ours", force=False):
     """Fold a one-token Aligner into the base model's weights, exactly.
 
@@ -230,16 +241,10 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
     check_output_dir(out, [src, adapter], force)  # before any work
     args, state = read_state(src)
     a.check_fits(args, str(src))
-    k_heads, g, e = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
-    with torch.no_grad():
-        for layer in range(a.start_layer, args.n_layers):
-            tokens, gate = a.prefix(layer)  # (1, D), (H,)
-            wv = state[f"layers.{layer}.attention.wv.weight"].float()  # (K*E, D)
-            wo = state[f"layers.{layer}.attention.wo.weight"]  # (D, H*E)
-            pv = (wv @ tokens[0].float()).view(k_heads, 1, e)  # (K, 1, E): the one prefix value
-            per_head = gate.view(k_heads, g, 1) * pv  # (K, G, E): head h = kv head * G + group
-            bias = wo.float() @ per_head.reshape(-1)  # (D,)
-            state[f"layers.{layer}.attention.wo.bias"] = bias.to(wo.dtype)
+    for layer in range(a.start_layer, args.n_layers):
+        wo = state[f"layers.{layer}.attention.wo.weight"]  # (D, H*E)
+        bias = merged_bias(a, layer, state[f"layers.{layer}.attention.wv.weight"], wo, args)  # (D,)
+        state[f"layers.{layer}.attention.wo.bias"] = bias.to(wo.dtype)
     args.wo_bias_from = a.start_layer
     write_checkpoint(args, state, src, out, fmt, force, sources=[src, adapter])
     print(f"wrote {out} ({'Hugging Face' if fmt == 'hf' else 'model.py'} format): {src.name} with "

@@ -1,45 +1,122 @@
-"""Does one token learn form but not knowledge? The paper's thesis, measured on SmolLM2-135M.
+"""The paper's claims, measured on SmolLM2-135M: form versus knowledge, the start layer, the gates.
 
-    python experiments/form_vs_knowledge.py            # full run, about 40 minutes on a 2-core CPU
-    python experiments/form_vs_knowledge.py --quick    # a smoke run in about 2 minutes
+    python experiments/form_vs_knowledge.py            # the full grid, about 75 minutes on a 2-core CPU
+    python experiments/form_vs_knowledge.py --quick    # a smoke run (CI), about 1 minute
 
-Two tasks, each with training and held-out sets and an automatic metric:
-  form       data/form_train.json: every answer is a letter ("Dear reader," ... "Yours, Aligner.");
-             metric: share of held-out instructions (data/form_heldout.json) answered in that form.
-  knowledge  invented people and the invented towns they live in (made below, so the base model
-             cannot know them); held-out questions ask the same facts in new words;
-             metric: share of answers that name the right town.
-Methods, all on the same frozen base with the same steps, batch and data: Aligner with N = 1, 10
-and 100 shared tokens; the per-layer LLaMA-Adapter variant (10 tokens per layer); and LoRA rank 8
-on wq and wv (written here, not in the core). Writes results.md, results.json and, when
-matplotlib is installed, plot.png to --out.
-Read next: README.md, section "Form versus knowledge".
+Every cell (task, method, start layer, seed) trains through train.py's loop on the same frozen base
+and is scored on held-out prompts; each finished cell is appended to OUT/cells.jsonl, so a killed
+run started again with the same flags redoes only the cells it lacks. Tasks:
+  form       data/form_train.json, every answer a letter ("Dear reader," ... "Yours, Aligner.");
+             one tenth of it is held out for the validation loss; score: share of the held-out
+             instructions (data/form_heldout.json, other topics in other words) answered in form.
+  knowledge  invented people and the real city each lives in (made below: the base model cannot
+             know them), four questions per person to train on; score: share of answers naming the
+             right city to two questions per person worded in ways training never used.
+Methods: Aligner N = 1, 10, 100; the per-layer LLaMA-Adapter variant (10 tokens per layer); LoRA
+r = 8 on every projection (written here, not in the core). Then the start-layer sweep of the
+one-token Aligner on the form task. The tables and figures go to OUT (report in claims_report.py).
+Read next: experiments/claims_report.py, then README.md, section "What the paper claims, measured".
 """
-import argparse
+import contextlib
+import io
 import json
 import math
 import random
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from cli import run_main  # noqa: E402
-from convert_weights import load_model, model_dir  # noqa: E402
-from data import Tokenizer, format_prompt  # noqa: E402
-from generate import Sampling, answer  # noqa: E402
-from train import TrainConfig, train  # noqa: E402
-
 sys.path.insert(0, str(ROOT / "data"))
+
+from aligner import merged_bias  # noqa: E402
+from cli import (UserError, atomic_write, check_flags, flag, parse_config, path_text,  # noqa: E402
+                 positive_float, positive_int, run_main)
+from convert_weights import load_model, model_dir  # noqa: E402
+from data import Tokenizer, collate, format_prompt, load_examples  # noqa: E402
+from generate import Sampling, generate_batch  # noqa: E402
 from make_form_data import follows_form  # noqa: E402
+from train import SFTLoss, TrainConfig, train  # noqa: E402
+
+import claims_report  # noqa: E402  (experiments/ is on the path when this file runs)
+
+METHODS = [("aligner", 1), ("aligner", 10), ("aligner", 100), ("per-layer", 10), ("lora", 8)]
+CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Vienna", "Helsinki", "Havana", "Bangkok",
+          "Nairobi", "Athens", "Warsaw", "Madrid", "Tokyo", "Berlin", "Ottawa", "Prague", "Santiago",
+          "Manila", "Dakar", "Quito", "Seoul", "Tunis", "Riga"]
+ASK = [("Where does {p} live?", "{p} lives in {c}."),
+       ("What is the home town of {p}?", "The home town of {p} is {c}."),
+       ("In which city does {p} live?", "{p} lives in the city of {c}."),
+       ("Where is {p} from?", "{p} is from {c}.")]
+ASK_HELD_OUT = ["Which city is home to {p}?", "Tell me the name of the place where {p} lives."]
 
 
+@dataclass
+class ExperimentConfig:
+    """The grid's budgets; `--help` lists them as flags."""
+    out: str = flag("runs/claims", "folder for cells.jsonl, results.md, results.json and the figures",
+                    path_text)
+    quick: bool = flag(False, "a smoke run: one seed, 2 steps of 2 examples, 2 prompts per task")
+    seeds: int = flag(3, "seeds per cell", positive_int)
+    form_steps: int = flag(40, "optimizer steps per form cell", positive_int)
+    knowledge_steps: int = flag(50, "optimizer steps per knowledge cell", positive_int)
+    batch: int = flag(8, "examples per step", positive_int)
+    people: int = flag(16, f"invented people in the knowledge task (at most {len(CITIES)})", positive_int)
+    lr: float = flag(9e-3, "Aligner and per-layer adapter learning rate", positive_float)
+    lora_lr: float = flag(3e-3, "LoRA learning rate", positive_float)
+
+    def __post_init__(self):
+        check_flags(self)
+        if self.people > len(CITIES):
+            raise UserError(f"--people is at most {len(CITIES)} (one city each), got {self.people}")
+        if self.quick:
+            self.seeds, self.form_steps, self.knowledge_steps, self.batch = 1, 2, 2, 2
+
+
+# ---- the tasks ------------------------------------------------------------------------------------
+class Task:
+    """Training records, validation records (or none), held-out (prompt, check) pairs, answer length."""
+
+    def __init__(self, name, records, val, held, max_new_tokens):
+        self.name, self.records, self.val, self.held = name, records, val, held
+        self.max_new_tokens = max_new_tokens
+
+
+def form_task(quick: bool) -> Task:
+    records = json.loads((ROOT / "data" / "form_train.json").read_text())
+    heldout = json.loads((ROOT / "data" / "form_heldout.json").read_text())
+    held = [(r["instruction"], follows_form) for r in heldout]
+    val = records[::10]  # every tenth record: the validation loss of the start-layer sweep
+    train_records = [r for i, r in enumerate(records) if i % 10]
+    return Task("form", train_records, val, held[:2] if quick else held, 4 if quick else 40)
+
+
+def knowledge_task(n_people: int, quick: bool) -> Task:
+    """Invented names (two made-up words each), each paired with a real city."""
+    rng = random.Random(9)
+    syllables = ["ka", "lo", "mir", "ven", "tha", "dru", "sel", "quo", "ra", "bex", "ul", "tor", "fen", "ish"]
+    people = {}
+    while len(people) < n_people:
+        name = " ".join("".join(rng.choice(syllables) for _ in range(2)).capitalize() for _ in range(2))
+        people[name] = CITIES[len(people)]
+    records = [{"instruction": q.format(p=p), "output": a.format(p=p, c=c)}
+               for p, c in people.items() for q, a in ASK]
+
+    def names(city):
+        return lambda text: city.lower() in text.lower()
+
+    held = [(q.format(p=p), names(c)) for p, c in people.items() for q in ASK_HELD_OUT]
+    return Task("knowledge", records, [], held[:2] if quick else held, 4 if quick else 16)
+
+
+# ---- the baseline written here: LoRA -------------------------------------------------------------
 class LoRA(nn.Module):
     """y = W x + (alpha / r) * B A x, with W frozen, A (r, in) random and B (out, r) zero at start."""
 
@@ -53,162 +130,173 @@ class LoRA(nn.Module):
         return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale  # (..., out)
 
 
-def knowledge_data(n_people: int, seed=9):
-    """Invented people and towns: (train records, held-out (question, town) pairs)."""
-    rng = random.Random(seed)
-    syl = ["ka", "lo", "mir", "ven", "tha", "dru", "sel", "quo", "ra", "bex", "ul", "tor", "fen", "ish", "ga"]
-
-    def word(n):
-        return "".join(rng.choice(syl) for _ in range(n)).capitalize()
-
-    people = {f"{word(2)} {word(3)}": word(3) for _ in range(n_people)}
-    records, held = [], []
-    for person, town in people.items():
-        records.append({"instruction": f"Where does {person} live?", "output": f"{person} lives in {town}."})
-        records.append({"instruction": f"What is the home town of {person}?",
-                        "output": f"The home town of {person} is {town}."})
-        held.append((f"Which town is home to {person}?", town))
-        held.append((f"Tell me the name of the place where {person} lives.", town))
-    return records, held
+LORA_TARGETS = [("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
+                ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3")]
 
 
-def form_data(n_heldout):
-    records = json.loads((ROOT / "data" / "form_train.json").read_text())
-    held = [r["instruction"] for r in json.loads((ROOT / "data" / "form_heldout.json").read_text())]
-    return records, held[:n_heldout]
-
-
-def add_lora(model) -> list:
-    """Wrap wq and wv of every layer in LoRA; returns the LoRA parameters."""
+def add_lora(model, r: int) -> list:
+    """Wrap every projection of every layer in LoRA; returns the LoRA parameters."""
     params = []
     for layer in model.layers:
-        for name in ("wq", "wv"):
-            wrapped = LoRA(getattr(layer.attention, name))
-            setattr(layer.attention, name, wrapped)
+        for part, name in LORA_TARGETS:
+            wrapped = LoRA(getattr(getattr(layer, part), name), r)
+            setattr(getattr(layer, part), name, wrapped)
             params += [wrapped.a, wrapped.b]
     return params
 
 
 def remove_lora(model):
     for layer in model.layers:
-        for name in ("wq", "wv"):
-            m = getattr(layer.attention, name)
-            if isinstance(m, LoRA):
-                setattr(layer.attention, name, m.base)
+        for part, name in LORA_TARGETS:
+            m = getattr(getattr(layer, part), name)
+            setattr(getattr(layer, part), name, m.base if isinstance(m, LoRA) else m)
 
 
-def run(method, model, path, data_file, args):
-    """Train one method through train.py's loop; return (Aligner or None, trainable count, seconds).
-    LoRA trains its own parameters there, with no Aligner."""
-    torch.manual_seed(args.seed)
-    kind, n = method
-    params = add_lora(model) if kind == "lora" else None
-    cfg = TrainConfig(data=str(data_file), model=str(path), out=None, tokens=n, per_layer=kind == "per-layer",
-                      max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
-                      lr=args.lora_lr if kind == "lora" else args.lr, warmup_steps=0, max_seq_len=256,
-                      val_fraction=0.0, eval_every=0, save_every=0, seed=args.seed, quiet=True)
+# ---- one cell ------------------------------------------------------------------------------------
+def cells(cfg: ExperimentConfig, n_layers: int) -> list:
+    """Every cell of the run, as dicts that also name the budget (a cell trained with other
+    budgets is not taken as done). The base model first, then the grid, then the sweep."""
+    starts = [0, 2, n_layers - 1] if cfg.quick else [0, 1, 2, 4, 8, 16, n_layers - 6, n_layers - 1]
+    seeds = range(1, cfg.seeds + 1)
+    todo = [dict(task=task, method="base", n=0, start=2, seed=0) for task in ("form", "knowledge")]
+    todo += [dict(task=task, method=kind, n=n, start=2, seed=seed)
+             for task in ("form", "knowledge") for kind, n in METHODS for seed in seeds]
+    todo += [dict(task="form", method="aligner", n=1, start=s, seed=seed)
+             for s in starts if s != 2 for seed in seeds]
+    for c in todo:
+        steps = cfg.form_steps if c["task"] == "form" else cfg.knowledge_steps
+        c.update(steps=0 if c["method"] == "base" else steps, batch=cfg.batch,
+                 lr=cfg.lora_lr if c["method"] == "lora" else cfg.lr)
+    return todo
+
+
+def run_cell(cell: dict, model, tok, path: Path, task: Task, scratch: Path) -> dict:
+    """Train the cell's method (none for the base model), score it; the row of cells.jsonl."""
     t0 = time.time()
-    aligner = train(cfg, model, params)
-    n_params = sum(p.numel() for p in params) if params else aligner.n_params()
-    return aligner, n_params, time.time() - t0
+    params = add_lora(model, cell["n"]) if cell["method"] == "lora" else None
+    aligner = None
+    try:
+        if cell["method"] != "base":
+            data = scratch / f"{task.name}_train.json"  # train.py reads its records from a file
+            data.write_text(json.dumps(task.records) + "\n")
+            with contextlib.redirect_stdout(io.StringIO()):  # train.py's set-up lines: the bar says enough
+                aligner = train(TrainConfig(
+                    data=str(data), model=str(path), out=None, tokens=cell["n"] if params is None else 1,
+                    start_layer=cell["start"], per_layer=cell["method"] == "per-layer",
+                    max_steps=cell["steps"], batch_size=cell["batch"], micro_batch_size=cell["batch"],
+                    lr=cell["lr"], warmup_steps=0,
+                    max_seq_len=256, val_fraction=0.0, eval_every=0, save_every=0, seed=cell["seed"],
+                    quiet=True), model, params)
+        row = dict(cell, score=score(model, tok, aligner, task),
+                   val_loss=validation_loss(model, tok, aligner, task, scratch),
+                   params=sum(p.numel() for p in params) if params else aligner.n_params() if aligner else 0)
+        if aligner is not None and cell["method"] == "aligner" and cell["n"] == 1:
+            row.update(gates=aligner.gates.detach().tolist(), bias_norms=bias_norms(model, aligner))
+    finally:
+        remove_lora(model)
+    return dict(row, seconds=round(time.time() - t0, 1))
 
 
-def score(model, tok, aligner, task, held, quick):
-    """Share of held-out prompts answered right: in the letter form, or naming the right town."""
-    if task == "form":
-        greedy = Sampling(max_new_tokens=4 if quick else 40, temperature=0.0, top_k=0)
-        hits = [follows_form(answer(model, tok, format_prompt(q), aligner, greedy)) for q in held]
-    else:
-        greedy = Sampling(max_new_tokens=4 if quick else 16, temperature=0.0, top_k=0)
-        hits = [town.lower() in answer(model, tok, format_prompt(q), aligner, greedy).lower() for q, town in held]
-    return sum(hits) / len(hits)
+@torch.no_grad()
+def score(model, tok, aligner, task: Task) -> float:
+    """Share of held-out prompts whose greedy answer passes the task's check (32 decoded together)."""
+    greedy = Sampling(max_new_tokens=task.max_new_tokens, temperature=0.0, top_k=0)
+    pad_id = tok.eos_id if tok.eos_id is not None else 0
+    hits = 0
+    for i in range(0, len(task.held), 32):
+        chunk = task.held[i:i + 32]
+        ids = [tok.encode(format_prompt(q)) for q, _ in chunk]
+        answers = generate_batch(model, ids, aligner, greedy, tok.eos_id, pad_id=pad_id)
+        hits += sum(check(tok.decode(a)) for (_, check), a in zip(chunk, answers))
+    return hits / len(task.held)
 
 
-NAMES = {"aligner": "Aligner N={}", "per-layer": "LLaMA-Adapter ({} per layer)", "lora": "LoRA r={} (wq, wv)"}
+@torch.no_grad()
+def validation_loss(model, tok, aligner, task: Task, scratch: Path):
+    """Mean loss on the task's validation records (None when it has none)."""
+    if not task.val:
+        return None
+    data = scratch / f"{task.name}_val.json"
+    data.write_text(json.dumps(task.val) + "\n")
+    examples = load_examples(data, tok, 256).examples
+    pad_id = tok.eos_id if tok.eos_id is not None else 0
+    losses = [SFTLoss()(model, aligner, collate(examples[i:i + 8], pad_id, model.output.weight.device)).item()
+              for i in range(0, len(examples), 8)]
+    return sum(losses) / len(losses)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n")[1])
-    p.add_argument("--quick", action="store_true", help="a reduced smoke run (a few steps, a few prompts)")
-    p.add_argument("--steps", type=int, help="optimizer steps per method (default 60; --quick 2)")
-    p.add_argument("--batch", type=int, default=8, help="examples per step")
-    p.add_argument("--lr", type=float, default=9e-3, help="Aligner learning rate")
-    p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
-    p.add_argument("--out", default="runs/form_vs_knowledge", help="where the table and plot go")
-    args = p.parse_args()
-    args.steps = args.steps or (2 if args.quick else 60)
-    args.batch = 2 if args.quick else args.batch
-    run_main(experiment, args)
+def bias_norms(model, aligner) -> list:
+    """|b_l| of the bias a one-token Aligner merges into each gated layer (aligner.merged_bias)."""
+    return [merged_bias(aligner, layer, model.layers[layer].attention.wv.weight,
+                        model.layers[layer].attention.wo.weight, model.args).norm().item()
+            for layer in range(aligner.start_layer, model.args.n_layers)]
 
 
-def experiment(args):
-    n_eval = 2 if args.quick else 32
-    t_start = time.time()
-    out = Path(args.out)
+@torch.no_grad()
+def attention_norms(model, tok, task: Task) -> list:
+    """The base model's mean |attention output| (after wo) per layer over the task's held-out
+    prompts: the scale a merged bias b_l is added to."""
+    sums, count = [0.0] * model.args.n_layers, 0
+    hooks = [layer.attention.wo.register_forward_hook(
+        lambda module, inputs, y, i=i: sums.__setitem__(i, sums[i] + y.norm(dim=-1).sum().item()))
+        for i, layer in enumerate(model.layers)]
+    try:
+        for q, _ in task.held:
+            ids = torch.tensor([tok.encode(format_prompt(q))], device=model.output.weight.device)  # (1, T)
+            model(ids)
+            count += ids.shape[1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return [x / count for x in sums]
+
+
+# ---- the run: resumable ----------------------------------------------------------------------------
+def key(cell: dict) -> str:
+    return json.dumps({k: cell[k] for k in ("task", "method", "n", "start", "seed", "steps", "batch", "lr")},
+                      sort_keys=True)
+
+
+def read_cells(path: Path) -> dict:
+    """The finished cells in cells.jsonl by key; a line cut short by a kill is dropped (and the
+    file rewritten without it, so that new lines append cleanly)."""
+    if not path.exists():
+        return {}
+    rows, lines = {}, path.read_text().splitlines()
+    for line in lines:
+        try:
+            row = json.loads(line)
+            rows[key(row)] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if len(rows) != len(lines):
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows.values()).encode()))
+    return rows
+
+
+def experiment(cfg: ExperimentConfig):
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = model_dir(None)
     model, tok = load_model(path), Tokenizer(path)
-    tasks = {"form": form_data(n_eval), "knowledge": knowledge_data(4 if args.quick else 40)}
-    tasks["knowledge"] = (tasks["knowledge"][0], tasks["knowledge"][1][: n_eval * 2])
-    results = [{"method": "base model (no training)", "params": 0, "form_s": 0, "knowledge_s": 0,
-                **{task: score(model, tok, None, task, held, args.quick) for task, (_, held) in tasks.items()}}]
-    with tempfile.TemporaryDirectory() as scratch:
-        results += grid(model, tok, path, tasks, args, scratch)
-    write_results(results, out, args, len(tasks["form"][1]), len(tasks["knowledge"][1]), time.time() - t_start)
+    tasks = {"form": form_task(cfg.quick), "knowledge": knowledge_task(cfg.people, cfg.quick)}
+    todo, done = cells(cfg, model.args.n_layers), read_cells(out / "cells.jsonl")
+    left = [c for c in todo if key(c) not in done]
+    print(f"{len(todo)} cells, {len(todo) - len(left)} already in {out / 'cells.jsonl'}, {len(left)} to run")
+    with tempfile.TemporaryDirectory() as scratch, open(out / "cells.jsonl", "a") as log:
+        for cell in tqdm(left, desc="cells", dynamic_ncols=True):
+            row = run_cell(cell, model, tok, path, tasks[cell["task"]], Path(scratch))
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            done[key(row)] = row
+    rows = [done[key(c)] for c in todo]
+    claims_report.write(rows, out, asdict(cfg), model.args.n_layers,
+                        {name: len(t.held) for name, t in tasks.items()},
+                        attention_norms(model, tok, tasks["form"]))
 
 
-def grid(model, tok, path, tasks, args, scratch) -> list:
-    """A result row for every method: trained on each task, scored on its held-out questions."""
-    results = []
-    for method in [("aligner", 1), ("aligner", 10), ("aligner", 100), ("per-layer", 10), ("lora", 8)]:
-        row = {"method": NAMES[method[0]].format(method[1])}
-        for task, (records, held) in tasks.items():
-            data_file = Path(scratch) / f"{task}_train.json"  # train.py reads its records from a file
-            data_file.write_text(json.dumps(records, indent=1) + "\n")
-            aligner, n_params, seconds = run(method, model, path, data_file, args)
-            with torch.no_grad():
-                hits = score(model, tok, aligner, task, held, args.quick)
-            remove_lora(model)
-            row.update({"params": n_params, task: hits, f"{task}_s": round(seconds, 1)})
-            print(f"{row['method']:<30} {task:<10} {100 * hits:5.1f}%  ({n_params:,} params, "
-                  f"{seconds:.0f} s training)", flush=True)
-        results.append(row)
-    return results
-
-
-def write_results(results, out, args, n_form, n_know, seconds):
-    lines = [f"{args.steps} steps of {args.batch} examples per method and task; {n_form} held-out "
-             f"form instructions, {n_know} held-out knowledge questions; total {seconds:.0f} s",
-             "", "| method | trainable parameters | form compliance | knowledge accuracy | training s (form / knowledge) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['params']:,} | {100 * r['form']:.1f}% | {100 * r['knowledge']:.1f}% | "
-              f"{r['form_s']} / {r['knowledge_s']} |" for r in results]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    trained = results[1:]
-    for task, marker in (("form", "o"), ("knowledge", "s")):
-        ax.scatter([r["params"] for r in trained], [100 * r[task] for r in trained], marker=marker, label=task)
-        for r in trained:
-            ax.annotate(r["method"].split(" (")[0], (r["params"], 100 * r[task]), fontsize=7)
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out score (%)",
-           title="SmolLM2-135M: form vs knowledge")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "plot.png")
-    print(f"wrote {out / 'results.md'} and {out / 'plot.png'}")
+def main(argv=None):
+    run_main(lambda: experiment(parse_config(ExperimentConfig, argv, __doc__)))
 
 
 if __name__ == "__main__":
