@@ -153,9 +153,9 @@ def remove_lora(model):
 
 
 # ---- one cell ------------------------------------------------------------------------------------
-def cells(cfg: ExperimentConfig, n_layers: int) -> list:
-    """Every cell of the run, as dicts that also name the budget (a cell trained with other
-    budgets is not taken as done). The base model first, then the grid, then the sweep."""
+def cells(cfg: ExperimentConfig, n_layers: int, n_held: dict) -> list:
+    """Every cell of the run, as dicts that also name the budget and the task's size (a cell made
+    with others is not taken as done). The base model first, then the grid, then the sweep."""
     starts = [0, 2, n_layers - 1] if cfg.quick else [0, 1, 2, 4, 8, 16, n_layers - 6, n_layers - 1]
     seeds = range(1, cfg.seeds + 1)
     todo = [dict(task=task, method="base", n=0, start=2, seed=0) for task in ("form", "knowledge")]
@@ -166,7 +166,9 @@ def cells(cfg: ExperimentConfig, n_layers: int) -> list:
     for c in todo:
         steps = cfg.form_steps if c["task"] == "form" else cfg.knowledge_steps
         c.update(steps=0 if c["method"] == "base" else steps, batch=cfg.batch,
-                 lr=cfg.lora_lr if c["method"] == "lora" else cfg.lr)
+                 lr=cfg.lora_lr if c["method"] == "lora" else cfg.lr, held=n_held[c["task"]])
+        if c["task"] == "knowledge":
+            c["people"] = cfg.people
     return todo
 
 
@@ -253,8 +255,8 @@ def attention_norms(model, tok, task: Task) -> list:
 
 # ---- the run: resumable ----------------------------------------------------------------------------
 def key(cell: dict) -> str:
-    return json.dumps({k: cell[k] for k in ("task", "method", "n", "start", "seed", "steps", "batch", "lr")},
-                      sort_keys=True)
+    names = ("task", "method", "n", "start", "seed", "steps", "batch", "lr", "held", "people")
+    return json.dumps({k: cell.get(k) for k in names}, sort_keys=True)
 
 
 def read_cells(path: Path) -> dict:
@@ -280,7 +282,8 @@ def experiment(cfg: ExperimentConfig):
     path = model_dir(None)
     model, tok = load_model(path), Tokenizer(path)
     tasks = {"form": form_task(cfg.quick), "knowledge": knowledge_task(cfg.people, cfg.quick)}
-    todo, done = cells(cfg, model.args.n_layers), read_cells(out / "cells.jsonl")
+    n_held = {name: len(t.held) for name, t in tasks.items()}
+    todo, done = cells(cfg, model.args.n_layers, n_held), read_cells(out / "cells.jsonl")
     left = [c for c in todo if key(c) not in done]
     print(f"{len(todo)} cells, {len(todo) - len(left)} already in {out / 'cells.jsonl'}, {len(left)} to run")
     with tempfile.TemporaryDirectory() as scratch, open(out / "cells.jsonl", "a") as log:
@@ -290,8 +293,7 @@ def experiment(cfg: ExperimentConfig):
             log.flush()
             done[key(row)] = row
     rows = [done[key(c)] for c in todo]
-    claims_report.write(rows, out, asdict(cfg), model.args.n_layers,
-                        {name: len(t.held) for name, t in tasks.items()},
+    claims_report.write(rows, out, asdict(cfg), model.args.n_layers, n_held,
                         attention_norms(model, tok, tasks["form"]))
 
 

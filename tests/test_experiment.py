@@ -1,5 +1,6 @@
 """experiments/form_vs_knowledge.py --quick runs end to end on the real embedded model, and a run killed
-mid-write resumes: the cut line is dropped and only the missing cell is redone (smoke test)."""
+mid-write resumes: the cut line is dropped and only the missing cell is redone; cells of another
+knowledge task are not taken as done (smoke test)."""
 import json
 import subprocess
 import sys
@@ -7,9 +8,9 @@ import sys
 from conftest import ROOT
 
 
-def run_quick(out):
-    r = subprocess.run([sys.executable, "experiments/form_vs_knowledge.py", "--quick", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run_quick(out, *flags):
+    command = [sys.executable, "experiments/form_vs_knowledge.py", "--quick", "--out", str(out), *flags]
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -34,3 +35,4 @@ def test_claims_quick_and_resume(smollm2_dir, tmp_path):
     assert "14 cells, 13 already in" in run_quick(tmp_path)
     again = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
     assert [r["score"] for r in again[:13]] == [r["score"] for r in rows[:13]] and len(again) == 14
+    assert "14 cells, 8 already in" in run_quick(tmp_path, "--people", "8")  # another knowledge task: redone
