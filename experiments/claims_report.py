@@ -86,9 +86,10 @@ def by_layer(g: dict, attention: list) -> dict:
            "bias_norm": [spread(list(col)) for col in zip(*[r["bias_norms"] for r in rows])]}
     out["attention_norm"] = attention[2:2 + len(out["layers"])]
     if OFFICIAL.exists():
-        official = Aligner.load(OFFICIAL).gates.detach().abs()  # (L - s, H)
-        out["official"] = {"start": Aligner.load(OFFICIAL).start_layer, "mean": official.mean(1).tolist(),
-                           "max": official.max(1).values.tolist()}
+        official = Aligner.load(OFFICIAL)
+        magnitude = official.gates.detach().abs()  # (L - s, H)
+        out["official"] = {"start": official.start_layer, "mean": magnitude.mean(1).tolist(),
+                           "max": magnitude.max(1).values.tolist()}
     return out
 
 

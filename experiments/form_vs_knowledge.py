@@ -88,6 +88,12 @@ class Task:
         self.name, self.records, self.val, self.held = name, records, val, held
         self.max_new_tokens = max_new_tokens
 
+    def write(self, folder: Path):
+        """The records as files in `folder`, once per run: train.py and load_examples read files."""
+        self.train_file, self.val_file = folder / f"{self.name}_train.json", folder / f"{self.name}_val.json"
+        self.train_file.write_text(json.dumps(self.records) + "\n")
+        self.val_file.write_text(json.dumps(self.val) + "\n")
+
 
 def form_task(quick: bool) -> Task:
     records = json.loads((ROOT / "data" / "form_train.json").read_text())
@@ -172,25 +178,23 @@ def cells(cfg: ExperimentConfig, n_layers: int, n_held: dict) -> list:
     return todo
 
 
-def run_cell(cell: dict, model, tok, path: Path, task: Task, scratch: Path) -> dict:
+def run_cell(cell: dict, model, tok, path: Path, task: Task) -> dict:
     """Train the cell's method (none for the base model), score it; the row of cells.jsonl."""
     t0 = time.time()
     params = add_lora(model, cell["n"]) if cell["method"] == "lora" else None
     aligner = None
     try:
         if cell["method"] != "base":
-            data = scratch / f"{task.name}_train.json"  # train.py reads its records from a file
-            data.write_text(json.dumps(task.records) + "\n")
             with contextlib.redirect_stdout(io.StringIO()):  # train.py's set-up lines: the bar says enough
                 aligner = train(TrainConfig(
-                    data=str(data), model=str(path), out=None, tokens=cell["n"] if params is None else 1,
-                    start_layer=cell["start"], per_layer=cell["method"] == "per-layer",
-                    max_steps=cell["steps"], batch_size=cell["batch"], micro_batch_size=cell["batch"],
-                    lr=cell["lr"], warmup_steps=0,
+                    data=str(task.train_file), model=str(path), out=None,
+                    tokens=cell["n"] if params is None else 1, start_layer=cell["start"],
+                    per_layer=cell["method"] == "per-layer", max_steps=cell["steps"],
+                    batch_size=cell["batch"], micro_batch_size=cell["batch"], lr=cell["lr"], warmup_steps=0,
                     max_seq_len=256, val_fraction=0.0, eval_every=0, save_every=0, seed=cell["seed"],
                     quiet=True), model, params)
         row = dict(cell, score=score(model, tok, aligner, task),
-                   val_loss=validation_loss(model, tok, aligner, task, scratch),
+                   val_loss=validation_loss(model, tok, aligner, task),
                    params=sum(p.numel() for p in params) if params else aligner.n_params() if aligner else 0)
         if aligner is not None and cell["method"] == "aligner" and cell["n"] == 1:
             row.update(gates=aligner.gates.detach().tolist(), bias_norms=bias_norms(model, aligner))
@@ -214,13 +218,11 @@ def score(model, tok, aligner, task: Task) -> float:
 
 
 @torch.no_grad()
-def validation_loss(model, tok, aligner, task: Task, scratch: Path):
+def validation_loss(model, tok, aligner, task: Task):
     """Mean loss on the task's validation records (None when it has none)."""
     if not task.val:
         return None
-    data = scratch / f"{task.name}_val.json"
-    data.write_text(json.dumps(task.val) + "\n")
-    examples = load_examples(data, tok, 256).examples
+    examples = load_examples(task.val_file, tok, 256).examples
     pad_id = tok.eos_id if tok.eos_id is not None else 0
     losses = [SFTLoss()(model, aligner, collate(examples[i:i + 8], pad_id, model.output.weight.device)).item()
               for i in range(0, len(examples), 8)]
@@ -287,8 +289,10 @@ def experiment(cfg: ExperimentConfig):
     left = [c for c in todo if key(c) not in done]
     print(f"{len(todo)} cells, {len(todo) - len(left)} already in {out / 'cells.jsonl'}, {len(left)} to run")
     with tempfile.TemporaryDirectory() as scratch, open(out / "cells.jsonl", "a") as log:
+        for task in tasks.values():
+            task.write(Path(scratch))
         for cell in tqdm(left, desc="cells", dynamic_ncols=True):
-            row = run_cell(cell, model, tok, path, tasks[cell["task"]], Path(scratch))
+            row = run_cell(cell, model, tok, path, tasks[cell["task"]])
             log.write(json.dumps(row) + "\n")
             log.flush()
             done[key(row)] = row
