@@ -84,6 +84,11 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
 
+    @property
+    def pad_id(self) -> int:
+        """The id that fills a batch's short rows: EOS where the tokenizer has one (never a label)."""
+        return self.eos_id if self.eos_id is not None else 0
+
 
 class Prompt(NamedTuple):
     instruction: str

@@ -75,7 +75,7 @@ def answer_both(model, tok, aligner, held: list, args) -> list:
         chunk = jobs[i: i + 16]
         both.use([row for _, row in chunk])
         prompts = [tok.encode(format_prompt(q)) for q, _ in chunk]
-        answers = generate_batch(model, prompts, both, greedy, tok.eos_id, pad_id=tok.eos_id)
+        answers = generate_batch(model, prompts, both, greedy, tok.eos_id, pad_id=tok.pad_id)
         texts.update((job, tok.decode(ids).strip()) for job, ids in zip(chunk, answers))
     return [(q, texts[q, 0], texts[q, 1]) for q in held]
 

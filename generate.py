@@ -191,12 +191,11 @@ def answer_file(cfg: GenerateConfig, model, tok, columns, forward):
     """Every prompt of --data with every column, in batches; the records go to --out atomically.
     Rows are grouped by the Aligner's token count, so each batch can mix Aligners (and the base)."""
     prompts, answers = read_prompts(cfg.data), {}
-    pad_id = tok.eos_id if tok.eos_id is not None else 0
     bar = tqdm(total=len(prompts) * len(columns), desc="answers", unit="prompt", dynamic_ncols=True)
     for batcher, chunk in batches(model, columns, len(prompts), cfg.batch_size):
         ids = [tok.encode(format_prompt(*prompts[r], template=columns[c].template)) for r, c in chunk]
         torch.manual_seed(cfg.seed)
-        answers.update(zip(chunk, generate_batch(model, ids, batcher, cfg, tok.eos_id, forward, pad_id)))
+        answers.update(zip(chunk, generate_batch(model, ids, batcher, cfg, tok.eos_id, forward, tok.pad_id)))
         bar.update(len(chunk))
     bar.close()
     rows = [{**p._asdict(), "adapter": columns[c].name, "answer": tok.decode(ids),

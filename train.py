@@ -128,7 +128,6 @@ class Run:
     total: int  # optimizer steps
     warmup: int
     step: int = 0
-    pad_id: int = 0  # the id that pads a batch: the tokenizer's EOS where it has one
 
 
 # ---- set-up ----------------------------------------------------------------------------------------
@@ -159,8 +158,7 @@ def setup(cfg: TrainConfig, model=None, params=None) -> Run:
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
     forward = torch.compile(model) if cfg.compile else model
-    run = Run(model, forward, tok, aligner, params, loss_fn, optimizer, train_set, val, ranks, total, warmup,
-              pad_id=tok.eos_id if tok.eos_id is not None else 0)
+    run = Run(model, forward, tok, aligner, params, loss_fn, optimizer, train_set, val, ranks, total, warmup)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         run.step = checkpoint["step"]
@@ -237,7 +235,7 @@ def train_step(run: Run, cfg: TrainConfig):
     accum, mb = cfg.batch_size // cfg.micro_batch_size, cfg.micro_batch_size  # over all ranks together
     loss_sum, n_seen = 0.0, 0
     for m in range(run.ranks.rank, accum, run.ranks.world):  # this rank's share of the step
-        batch = run.loss_fn.collate([run.train_set[i] for i in idx[m * mb: (m + 1) * mb]], run.pad_id,
+        batch = run.loss_fn.collate([run.train_set[i] for i in idx[m * mb: (m + 1) * mb]], run.tok.pad_id,
                                     run.ranks.device)
         loss = run.loss_fn(run.forward, run.aligner, batch) / accum  # the mean over the micro-batches
         loss.backward()
@@ -261,7 +259,7 @@ def train_step(run: Run, cfg: TrainConfig):
 def estimate_loss(run: Run, cfg: TrainConfig) -> float:
     """Mean loss over the first --eval-batches micro-batches of the validation set."""
     mb = cfg.micro_batch_size
-    losses = [run.loss_fn(run.forward, run.aligner, run.loss_fn.collate(run.val[i: i + mb], run.pad_id,
+    losses = [run.loss_fn(run.forward, run.aligner, run.loss_fn.collate(run.val[i: i + mb], run.tok.pad_id,
                                                                          run.ranks.device)).item()
               for i in range(0, min(len(run.val), cfg.eval_batches * mb), mb)]
     return sum(losses) / max(1, len(losses))
@@ -287,7 +285,7 @@ def save(run: Run, cfg: TrainConfig):
     if not cfg.out or run.aligner is None:
         return
     with torch.no_grad():
-        batch = run.loss_fn.collate(run.train_set[:cfg.micro_batch_size], run.pad_id, run.ranks.device)
+        batch = run.loss_fn.collate(run.train_set[:cfg.micro_batch_size], run.tok.pad_id, run.ranks.device)
         loss = run.loss_fn(run.forward, run.aligner, batch).item()
         run.loss_fn.pop_stats()
     if not math.isfinite(loss):

@@ -119,7 +119,7 @@ def write(rows: list, out: Path, settings: dict, n_layers: int, n_held: dict, at
             "the mean norm of that output over the held-out form prompts, without the Aligner.", "",
             *layer_table(layers)]
     atomic_write(out / "results.md", lambda f: f.write(("\n".join(text) + "\n").encode()))
-    summary = {"settings": settings, "seconds": seconds, "rows": rows, "by_layer": layers,
+    summary = {"settings": settings, "seconds": seconds, "by_layer": layers,  # the rows: cells.jsonl
                "groups": [{"task": k[0], "method": k[1], "n": k[2], "start": k[3], "params": v[0]["params"],
                            "score": spread([r["score"] for r in v]),
                            "val_loss": spread([r["val_loss"] for r in v]),

@@ -207,12 +207,11 @@ def run_cell(cell: dict, model, tok, path: Path, task: Task) -> dict:
 def score(model, tok, aligner, task: Task) -> float:
     """Share of held-out prompts whose greedy answer passes the task's check (32 decoded together)."""
     greedy = Sampling(max_new_tokens=task.max_new_tokens, temperature=0.0, top_k=0)
-    pad_id = tok.eos_id if tok.eos_id is not None else 0
     hits = 0
     for i in range(0, len(task.held), 32):
         chunk = task.held[i:i + 32]
         ids = [tok.encode(format_prompt(q)) for q, _ in chunk]
-        answers = generate_batch(model, ids, aligner, greedy, tok.eos_id, pad_id=pad_id)
+        answers = generate_batch(model, ids, aligner, greedy, tok.eos_id, pad_id=tok.pad_id)
         hits += sum(check(tok.decode(a)) for (_, check), a in zip(chunk, answers))
     return hits / len(task.held)
 
@@ -223,8 +222,8 @@ def validation_loss(model, tok, aligner, task: Task):
     if not task.val:
         return None
     examples = load_examples(task.val_file, tok, 256).examples
-    pad_id = tok.eos_id if tok.eos_id is not None else 0
-    losses = [SFTLoss()(model, aligner, collate(examples[i:i + 8], pad_id, model.output.weight.device)).item()
+    device = model.output.weight.device
+    losses = [SFTLoss()(model, aligner, collate(examples[i:i + 8], tok.pad_id, device)).item()
               for i in range(0, len(examples), 8)]
     return sum(losses) / len(losses)
 
