@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -235,7 +236,9 @@ def atomic_write(path, write):
     """write(file) into a temporary file beside `path`, then rename: `path` is never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666  # as open() would: umask applies
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -26,7 +26,7 @@ from test_train_generate import RECORDS
 
 import train
 from aligner import Aligner, merge
-from cli import UserError
+from cli import UserError, atomic_write
 from convert_weights import load_model
 from data import Tokenizer, load_examples
 from dpo import load_pairs
@@ -419,3 +419,17 @@ def test_a_real_adapter_round_trips_through_the_loader(tiny, tmp_path):
     a = nonzero_aligner(load_model(tiny[1]).args, 3)
     b = Aligner.from_state(a.to_dict())
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.gates, b.gates)
+
+
+def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
+    """A new file gets the mode open() would give it (not mkstemp's owner-only 0600); a rewrite keeps the
+    old file's mode."""
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "new.txt", lambda f: f.write(b"x"))
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "new.txt").chmod(0o640)
+        atomic_write(tmp_path / "new.txt", lambda f: f.write(b"y"))
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
