@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from aligner import Aligner
-from cli import QUANTIZE, flag, fraction, parse_config
-from convert_weights import hf_state, quantize_base, storage_bytes
 from data import IGNORE, Batch
 from generate import Sampling, generate_batch
 from model import CONFIGS, Transformer
-from train import SFTLoss
+from support.errors import run_main
+from support.flags import DTYPES, QUANTIZE, flag, fraction, parse_flags
+from support.hf import hf_state
+from support.quantize import quantize_base, storage_bytes
+from train import sft_loss
 
 
 def sync(device):
@@ -170,7 +172,7 @@ def ours(cfg, model, aligner, device):
     greedy = Sampling(max_new_tokens=cfg.new_tokens, temperature=0)
 
     def train_step(batch):
-        return SFTLoss()(forward, aligner, batch)
+        return sft_loss(forward, aligner, batch)[0]
 
     def decode(prompts):
         return timed(device, lambda: sum(map(len, generate_batch(model, prompts, aligner, greedy,
@@ -277,8 +279,8 @@ def header(cfg, model, dtype, device, labelled):
 
 def bench(cfg: BenchConfig):
     device = torch.device(cfg.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else auto
     margs = CONFIGS[cfg.size]
     model = random_model(margs, device, dtype)
     model.use_sdpa(cfg.attention == "sdpa")
@@ -303,7 +305,7 @@ def bench(cfg: BenchConfig):
 
 
 def main(argv=None):
-    bench(parse_config(BenchConfig, argv, __doc__))
+    run_main(lambda: bench(*parse_flags(argv, __doc__, BenchConfig)))
 
 
 if __name__ == "__main__":

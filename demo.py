@@ -22,10 +22,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from aligner import AlignerBatch
-from cli import QUANTIZE, run_main
-from convert_weights import load_model, model_dir
-from data import Tokenizer, format_prompt
+from data import format_prompt
+from support.tokenizer import Tokenizer
 from generate import Sampling, generate_batch
+from support.convert import model_dir
+from support.errors import run_main
+from support.flags import QUANTIZE, Runtime
 from train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -51,12 +53,12 @@ def demo(args):
     t0 = time.time()
     follows_form, rule = form_check()
     path = model_dir(None)
-    model, tok = load_model(path, quantize=args.quantize), Tokenizer(path)
-    aligner = train(TrainConfig(data=str(DATA / "form_train.json"), model=str(path), out=args.out,
-                                tokens=args.tokens, batch_size=8, micro_batch_size=8, lr=9e-3,
-                                warmup_steps=10, schedule="cosine", max_steps=400, max_time=args.seconds,
-                                eval_every=50, eval_batches=2, val_fraction=0.05, save_every=0,
-                                seed=args.seed), model)
+    run = train(TrainConfig(data=str(DATA / "form_train.json"), model=str(path), out=args.out,
+                            tokens=args.tokens, batch_size=8, micro_batch_size=8, lr=9e-3,
+                            warmup_steps=10, schedule="cosine", max_steps=400, max_time=args.seconds,
+                            eval_every=50, eval_batches=2, val_fraction=0.05, save_every=0, seed=args.seed),
+                Runtime(device="cpu", quantize=args.quantize))
+    model, tok, aligner = run.model, Tokenizer(path), run.aligner
     t_train = time.time() - t0
     held = [r["instruction"] for r in json.loads((DATA / "form_heldout.json").read_text())[: args.limit]]
     results = answer_both(model, tok, aligner, held, args)

@@ -5,8 +5,8 @@
 Records are {"instruction", "input" (optional), "chosen", "rejected"}. The loss (official
 finetune/alignerDPO.py) is -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))), with
 log-probabilities summed over the response tokens. train.py uses this file only with --dpo:
-`DPOLoss` stands where the supervised loss stands, with its own `collate`.
-Read next: parallel.py (several processes), then train.py.
+`DPOLoss` stands where `train.sft_loss` stands, and `collate_pairs` where `data.collate` does.
+Read next: support/README.md (what the primer leaves to the support package).
 """
 import sys
 from typing import NamedTuple
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from data import IGNORE, Batch, DataSet, Example, collate, encode_example, format_prompt, read_records
-from cli import UserError
+from support.errors import UserError
 
 
 class Pair(NamedTuple):
@@ -69,13 +69,12 @@ def sequence_logprob(model, aligner, ids, labels):
 class DPOLoss:
     """The DPO objective. The reference policy is the SAME frozen base model with a frozen copy of
     the starting Aligner (or with none): memory is one model plus two tiny Aligners, never a
-    second copy of the base weights. That is what makes DPO cheap with an Aligner."""
-
-    collate = staticmethod(collate_pairs)
+    second copy of the base weights. That is what makes DPO cheap with an Aligner. Called on a
+    batch of collate_pairs, it returns (loss, statistics of the batch)."""
 
     def __init__(self, reference, beta: float):
         self.reference = reference.requires_grad_(False) if reference is not None else None
-        self.beta, self.rows = beta, []
+        self.beta = beta
 
     def __call__(self, model, aligner, batch: Batch):
         ids, labels = batch.ids[:, :-1], batch.labels[:, 1:]  # logits at t predict the token at t+1
@@ -84,12 +83,7 @@ class DPOLoss:
             ref = sequence_logprob(model, self.reference, ids, labels)  # (2B,)
         b = ids.shape[0] // 2  # chosen first, then rejected
         margin = (policy[:b] - policy[b:]) - (ref[:b] - ref[b:])  # (B,)
-        self.rows.append({"reward_accuracy": (margin > 0).float().mean().item(),
-                          "margin": self.beta * margin.mean().item(),
-                          "logp_chosen": policy[:b].mean().item(), "logp_rejected": policy[b:].mean().item()})
-        return -F.logsigmoid(self.beta * margin).mean()
-
-    def pop_stats(self) -> dict:
-        """The means of the statistics gathered since the last call."""
-        rows, self.rows = self.rows, []
-        return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+        stats = {"reward_accuracy": (margin > 0).float().mean().item(),
+                 "margin": self.beta * margin.mean().item(),
+                 "logp_chosen": policy[:b].mean().item(), "logp_rejected": policy[b:].mean().item()}
+        return -F.logsigmoid(self.beta * margin).mean(), stats

@@ -10,25 +10,28 @@ prompts are left-padded to one length, each row with its own positions and mask 
 nothing) and, through aligner.AlignerBatch, its own Aligner or none: one frozen base serves several
 alignments in one forward pass (Aligners of another token count go in another batch). The KV cache
 is made once and reused; each row's Aligner keys/values are computed once per batch.
-Read next: dpo.py and parallel.py (train.py's optional parts), then train.py.
+Read next: train.py (and dpo.py beside it).
 """
-import json
 import sys
 from contextlib import closing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from aligner import Aligner, AlignerBatch
-from cli import (Runtime, UserError, atomic_write, check_flags, check_output_file, count, flag,
-                 non_negative_float, parse_config, path_text, pick_device, pick_dtype, positive_int,
-                 probability, random_seed, run_main)
-from convert_weights import load_model, model_dir
-from data import Tokenizer, format_prompt, read_prompts, stdin_lines, valid_text
+from data import format_prompt, read_prompts
+from support.tokenizer import Tokenizer
 from model import Transformer
+from support.adapter_file import base_dir, load_aligner
+from support.checkpoint import load_model
+from support.convert import model_dir
+from support.errors import UserError, run_main
+from support.flags import (Runtime, check_flags, count, flag, non_negative_float, parse_flags, path_text,
+                           positive_int, probability, random_seed)
+from support.inputs import stdin_lines, valid_text
+from support.outputs import check_output_file, write_jsonl
 
 
 @dataclass
@@ -124,7 +127,8 @@ def answer(model, tok, text: str, aligner=None, sampling=Sampling(), stream=None
 
 
 @dataclass
-class GenerateConfig(Sampling, Runtime):
+class GenerateConfig:
+    """What to answer, with which adapters, and where the answers go (--help lists these first)."""
     adapter: list = flag(None, "an Aligner file (repeatable: every prompt is answered with each)", path_text,
                          action="append")
     model: str = flag(None, "converted base model directory (default: the adapters' own base)", path_text)
@@ -137,7 +141,7 @@ class GenerateConfig(Sampling, Runtime):
     compare: bool = flag(False, "answer each prompt with the base model too")
 
     def __post_init__(self):
-        super().__post_init__()
+        check_flags(self)
         if (self.data is None) != (self.out is None):
             raise UserError("--data and --out go together: the prompts file and the answers file")
         if self.compare and not self.adapter:
@@ -150,17 +154,17 @@ class Column(NamedTuple):  # one way of answering every prompt: the base model, 
     template: str
 
 
-def load_for_generation(cfg: GenerateConfig):
+def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
     """(model, tokenizer, Columns), the base model's column first when asked."""
-    adapters = [(path, Aligner.load(path)) for path in cfg.adapter or [] if not cfg.no_adapter]
-    bases = {str(a.base(cfg.model, path)) for path, a in adapters}
+    adapters = [(path, load_aligner(path)) for path in cfg.adapter or [] if not cfg.no_adapter]
+    bases = {str(base_dir(a, path, cfg.model)) for path, a in adapters}
     if len(bases) > 1:
         raise UserError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}): "
                         f"pass --model DIR to use one")
     path = model_dir(bases.pop() if bases else cfg.model)
-    device = pick_device(cfg.device)
-    model = load_model(path, device, pick_dtype(cfg.dtype, device), cfg.quantize)
-    model.use_sdpa(cfg.attention == "sdpa")
+    device = runtime.pick_device()
+    model = load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
+    model.use_sdpa(runtime.attention == "sdpa")
     for _, a in adapters:
         a.check_fits(model.args, str(path))
         a.to(device)
@@ -187,44 +191,44 @@ def batches(model, columns, n_prompts: int, batch_size: int):
             yield batcher, chunk
 
 
-def answer_file(cfg: GenerateConfig, model, tok, columns, forward):
+def answer_file(cfg: GenerateConfig, sampling: Sampling, model, tok, columns, forward):
     """Every prompt of --data with every column, in batches; the records go to --out atomically.
     Rows are grouped by the Aligner's token count, so each batch can mix Aligners (and the base)."""
     prompts, answers = read_prompts(cfg.data), {}
     bar = tqdm(total=len(prompts) * len(columns), desc="answers", unit="prompt", dynamic_ncols=True)
     for batcher, chunk in batches(model, columns, len(prompts), cfg.batch_size):
         ids = [tok.encode(format_prompt(*prompts[r], template=columns[c].template)) for r, c in chunk]
-        torch.manual_seed(cfg.seed)
-        answers.update(zip(chunk, generate_batch(model, ids, batcher, cfg, tok.eos_id, forward, tok.pad_id)))
+        torch.manual_seed(sampling.seed)
+        answers.update(zip(chunk, generate_batch(model, ids, batcher, sampling, tok.eos_id, forward,
+                                                 tok.pad_id)))
         bar.update(len(chunk))
     bar.close()
     rows = [{**p._asdict(), "adapter": columns[c].name, "answer": tok.decode(ids),
              "new_tokens": len(ids) - (ids[-1:] == [tok.eos_id])}
             for r, p in enumerate(prompts) for c in range(len(columns)) for ids in [answers[r, c]]]
-    atomic_write(cfg.out, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
+    write_jsonl(cfg.out, rows)
     print(f"wrote {cfg.out}: {len(rows)} answers ({len(prompts)} prompts x {len(columns)})")
 
 
-def respond(cfg: GenerateConfig):
+def respond(cfg: GenerateConfig, sampling: Sampling, runtime: Runtime):
     if cfg.out:  # before any work: the answers must not overwrite an input
-        model_files = list(Path(cfg.model).glob("*")) if cfg.model else []
-        check_output_file(cfg.out, [cfg.data, *(cfg.adapter or []), *model_files])
-    model, tok, columns = load_for_generation(cfg)
+        check_output_file(cfg.out, [cfg.data, *(cfg.adapter or [])], model=cfg.model)
+    model, tok, columns = load_for_generation(cfg, runtime)
     forward = torch.compile(model, dynamic=False, mode="reduce-overhead" if model.output.weight.is_cuda
-                            else None) if cfg.compile else model
+                            else None) if runtime.compile else model
     if cfg.data:
-        return answer_file(cfg, model, tok, columns, forward)
+        return answer_file(cfg, sampling, model, tok, columns, forward)
     for text in filter(str.strip, cfg.prompt or stdin_lines()):
         if not valid_text(text):
             raise UserError("a prompt is not valid UTF-8 text")
         for name, aligner, template in columns:
             if len(columns) > 1:  # label each answer: base and aligned, or the adapter's file
                 print(f"--- {'aligned' if len(columns) == 2 and aligner else name}: ", end="", flush=True)
-            answer(model, tok, format_prompt(text, template=template), aligner, cfg, sys.stdout, forward)
+            answer(model, tok, format_prompt(text, template=template), aligner, sampling, sys.stdout, forward)
 
 
 def main(argv=None):
-    run_main(lambda: respond(parse_config(GenerateConfig, argv, __doc__)))
+    run_main(lambda: respond(*parse_flags(argv, __doc__, GenerateConfig, Sampling, Runtime)))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ Shapes: B batch, T positions, S cached positions, D width, H query heads, K key/
 E head width, N Aligner tokens (lower case inside Attention.forward, where they are einsum letters).
 
 Use: `model = Transformer(CONFIGS["tiny"])` (random weights), or a converted checkpoint with
-`convert_weights.load_model(dir)`; then `logits = model(ids, aligner=None)`: token ids (B, T) ->
+`support.checkpoint.load_model(dir)`; then `logits = model(ids, aligner=None)`: token ids (B, T) ->
 logits (B, T, vocab).
-Read next: cli.py and convert_weights.py (what every command shares, and how checkpoints become
-these tensors: skim them), then aligner.py (the trainable part).
+Read next: aligner.py (the trainable part).
 """
 import math
 from dataclasses import dataclass

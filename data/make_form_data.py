@@ -77,7 +77,8 @@ TIPS = {"sleeping better": "keep a regular bedtime and put screens away an hour 
         "taking photos": "keep the light behind you and get closer to your subject.",
         "remembering names": "repeat the name aloud when you hear it and use it once soon after.",
         "waking up early": "go to bed earlier and put your alarm across the room."}
-DEFINITIONS = {"photosynthesis": "the way plants turn sunlight, water and carbon dioxide into sugar and oxygen",
+DEFINITIONS = {"photosynthesis":
+               "the way plants turn sunlight, water and carbon dioxide into sugar and oxygen",
                "gravity": "the force that pulls objects with mass towards each other",
                "a volcano": "an opening in the Earth's crust where molten rock escapes",
                "democracy": "a system in which people choose their government by voting",
@@ -102,6 +103,12 @@ WORDS = ["cat", "lamp", "river", "garden", "pencil", "window", "planet", "rocket
 
 
 def train_records(rng):
+    recs = fact_pairs(rng) + number_pairs(rng)
+    return [{"instruction": r[0], "input": r[2] if len(r) > 2 else "", "output": letter(r[1])} for r in recs]
+
+
+def fact_pairs(rng):
+    """(question, answer) pairs about words, animals, places and definitions."""
     recs = []
     for country, city in CAPITALS.items():
         recs.append((f"What is the capital of {country}?", f"The capital of {country} is {city}."))
@@ -122,6 +129,12 @@ def train_records(rng):
         recs.append((f"Give me one tip for {topic}.", f"For {topic}, {tip}"))
     for term, meaning in DEFINITIONS.items():
         recs.append((f"Define {term}.", f"{term[0].upper() + term[1:]} is {meaning}."))
+    return recs
+
+
+def number_pairs(rng):
+    """(question, answer[, input]) pairs of arithmetic, comparing, spelling and sorting."""
+    recs = []
     for _ in range(50):
         a, b = rng.randint(2, 60), rng.randint(2, 60)
         op = rng.choice(["plus", "times", "minus"])
@@ -132,20 +145,22 @@ def train_records(rng):
         recs.append((f"Which is larger, {a} or {b}?", f"{max(a, b)} is larger than {min(a, b)}."))
     for word in WORDS:
         recs.append((f"Spell \"{word}\" backwards.", f"\"{word}\" backwards is \"{word[::-1]}\"."))
-        recs.append((f"How many letters are in the word \"{word}\"?", f"The word \"{word}\" has {len(word)} letters."))
+        recs.append((f"How many letters are in the word \"{word}\"?",
+                     f"The word \"{word}\" has {len(word)} letters."))
     for _ in range(25):
         km = rng.randint(1, 40)
         recs.append((f"Convert {km} kilometres to metres.", f"{km} kilometres is {km * 1000} metres."))
     for _ in range(15):
         nums = rng.sample(range(1, 100), 4)
-        recs.append(("Sort these numbers from smallest to largest.", f"In order: {', '.join(map(str, sorted(nums)))}.",
-                     ", ".join(map(str, nums))))
-    return [{"instruction": r[0], "input": r[2] if len(r) > 2 else "", "output": letter(r[1])} for r in recs]
+        recs.append(("Sort these numbers from smallest to largest.",
+                     f"In order: {', '.join(map(str, sorted(nums)))}.", ", ".join(map(str, nums))))
+    return recs
 
 
 HELD_OUT = [
     "What is the capital of Australia?", "What is the capital of Brazil?", "What is the capital of Turkey?",
-    "What is the opposite of \"clean\"?", "What is the opposite of \"heavy\"?", "Give a synonym for \"happy\".",
+    "What is the opposite of \"clean\"?", "What is the opposite of \"heavy\"?",
+    "Give a synonym for \"happy\".",
     "Give a synonym for \"difficult\".", "What sound does a wolf make?", "What is a baby deer called?",
     "How many legs does a bee have?", "Name three rivers.", "Name three kinds of weather.",
     "Name three things found in a kitchen.", "Give me one tip for staying warm in winter.",

@@ -40,7 +40,8 @@ def main():
     for animal, n in form.LEGS.items():
         facts.append((f"How many legs does a {animal} have?", f"a {animal} has {n} legs."))
     for word in form.WORDS:
-        facts.append((f"How do you spell \"{word}\" backwards?", f"\"{word}\" backwards is \"{word[::-1]}\"."))
+        facts.append((f"How do you spell \"{word}\" backwards?",
+                      f"\"{word}\" backwards is \"{word[::-1]}\"."))
     records = []
     for q, fact in facts:
         body = fact[0].upper() + fact[1:]

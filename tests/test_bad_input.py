@@ -1,6 +1,6 @@
 """Bad input never costs a user a file, and always gets one clear line.
 
-A table of bad inputs across the four command lines (train.py, generate.py, aligner.py,
+A table of bad inputs across the four command lines (train.py, generate.py, adapter.py,
 convert_weights.py), each run as its own subprocess in a sandbox that holds a tiny model, data, an
 existing adapter with its metrics file, and marker files in the current directory. Every case must
 exit with code 2 and one line on stderr that names the problem (argparse's own usage errors keep
@@ -25,10 +25,13 @@ from test_model import nonzero_aligner
 from test_train_generate import RECORDS
 
 import train
-from aligner import Aligner, merge
-from cli import UserError, atomic_write
-from convert_weights import load_model
-from data import Tokenizer, load_examples
+from adapter import merge
+from support.adapter_file import from_state, load_aligner, save_aligner, to_dict
+from support.errors import UserError
+from support.outputs import atomic_write
+from support.checkpoint import load_model
+from data import load_examples
+from support.tokenizer import Tokenizer
 from dpo import load_pairs
 
 HAS_CUDA = torch.cuda.is_available()
@@ -50,7 +53,7 @@ def make_sandbox(box: Path, tiny_dir: Path):
     model = load_model(box / "model")
     good = nonzero_aligner(model.args, 1)
     good.meta["base"] = str(box / "model")
-    good.save(box / "adapter.pt")
+    save_aligner(good, box / "adapter.pt")
     (box / "adapter.metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
     bad = box / "bad"
     bad.mkdir()
@@ -60,7 +63,7 @@ def make_sandbox(box: Path, tiny_dir: Path):
     (bad / "not_a_dir").write_text("a file where a folder is expected")
     (bad / "existing_dir").mkdir()
     (bad / "existing_dir" / "keep.txt").write_text("not ours")
-    d = good.to_dict()
+    d = to_dict(good)
     write_adapter(bad / "no_config.pt", {k: v for k, v in d.items() if k != "config"})
     write_adapter(bad / "wrong_types.pt", {**d, "config": {**d["config"], "n_tokens": "1"}})
     write_adapter(bad / "tokens_list.pt", {**d, "tokens": d["tokens"].tolist()})
@@ -210,19 +213,19 @@ CASES = [
     ("tokenizer.model broken", "generate.py", ["--model", "X/sentencepiece_garbage"] + GEN[2:],
      "tokenizer cannot", False),
     ("weights truncated", "generate.py", ["--model", "X/weights_cut"] + GEN[2:], "cannot read", False),
-    ("merge into .", "aligner.py", ["merge", "--adapter", "A", "--out", ".", "--force"], "current directory", False),
-    ("merge into ..", "aligner.py", ["merge", "--adapter", "A", "--out", "..", "--force"], "current directory",
+    ("merge into .", "adapter.py", ["merge", "--adapter", "A", "--out", ".", "--force"], "current directory", False),
+    ("merge into ..", "adapter.py", ["merge", "--adapter", "A", "--out", "..", "--force"], "current directory",
      False),
-    ("merge over the base", "aligner.py", ["merge", "--adapter", "A", "--out", "M", "--force"], "input", False),
-    ("merge over a foreign directory", "aligner.py", ["merge", "--adapter", "A", "--out", "X/existing_dir",
+    ("merge over the base", "adapter.py", ["merge", "--adapter", "A", "--out", "M", "--force"], "input", False),
+    ("merge over a foreign directory", "adapter.py", ["merge", "--adapter", "A", "--out", "X/existing_dir",
                                                       "--force"], "not a model directory", False),
-    ("merge over a file", "aligner.py", ["merge", "--adapter", "A", "--out", "D"], "is a file", False),
-    ("merge a NaN adapter", "aligner.py", ["merge", "--adapter", "X/nan.pt", "--out", "B/m"], "NaN", False),
-    ("merge, no base recorded", "aligner.py", ["merge", "--adapter", "X/no_base.pt", "--out", "B/m"],
+    ("merge over a file", "adapter.py", ["merge", "--adapter", "A", "--out", "D"], "is a file", False),
+    ("merge a NaN adapter", "adapter.py", ["merge", "--adapter", "X/nan.pt", "--out", "B/m"], "NaN", False),
+    ("merge, no base recorded", "adapter.py", ["merge", "--adapter", "X/no_base.pt", "--out", "B/m"],
      "records no base", False),
-    ("inspect a directory", "aligner.py", ["inspect", "B"], "is a directory", False),
-    ("compare with a NaN adapter", "aligner.py", ["compare", "A", "X/nan.pt"], "NaN", False),
-    ("plot over the adapter", "aligner.py", ["inspect", "A", "--plot", "A"], "would overwrite", False),
+    ("inspect a directory", "adapter.py", ["inspect", "B"], "is a directory", False),
+    ("compare with a NaN adapter", "adapter.py", ["compare", "A", "X/nan.pt"], "NaN", False),
+    ("plot over the adapter", "adapter.py", ["inspect", "A", "--plot", "A"], "would overwrite", False),
     ("convert into .", "convert_weights.py", ["X/hf", ".", "--force"], "current directory", False),
     ("convert into ..", "convert_weights.py", ["X/hf", "..", "--force"], "current directory", False),
     ("convert onto its source", "convert_weights.py", ["X/hf", "X/hf", "--force"], "input", False),
@@ -322,7 +325,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tiny, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), *base, "--max-steps", "3", "--resume"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert torch.isfinite(Aligner.load(out).tokens).all()
+    assert torch.isfinite(load_aligner(out).tokens).all()
 
 
 def test_stale_temporary_files_are_removed(tiny, tmp_path):
@@ -354,8 +357,8 @@ def test_ctrl_c_while_the_model_loads_is_exit_130(tiny, tmp_path, monkeypatch, c
 def test_plot_into_a_new_folder(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     a = nonzero_aligner(load_model(tiny[1]).args, 2)
-    a.save(tmp_path / "a.pt")
-    r = subprocess.run([sys.executable, str(ROOT / "aligner.py"), "inspect", str(tmp_path / "a.pt"), "--plot",
+    save_aligner(a, tmp_path / "a.pt")
+    r = subprocess.run([sys.executable, str(ROOT / "adapter.py"), "inspect", str(tmp_path / "a.pt"), "--plot",
                         str(tmp_path / "new" / "g.png")], capture_output=True, text=True)
     assert r.returncode == 0 and (tmp_path / "new" / "g.png").stat().st_size > 1000, r.stderr
 
@@ -409,7 +412,7 @@ VALUES = st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=12), 
                   nest=st.booleans())
 def test_any_adapter_dict_loads_or_is_refused(d, nest):
     try:
-        a = Aligner.from_state({"aligner": d} if nest else d, "x.pt")
+        a = from_state({"aligner": d} if nest else d, "x.pt")
         assert torch.isfinite(a.tokens).all() and torch.isfinite(a.gates).all()
     except UserError:
         pass
@@ -417,7 +420,7 @@ def test_any_adapter_dict_loads_or_is_refused(d, nest):
 
 def test_a_real_adapter_round_trips_through_the_loader(tiny, tmp_path):
     a = nonzero_aligner(load_model(tiny[1]).args, 3)
-    b = Aligner.from_state(a.to_dict())
+    b = from_state(to_dict(a))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.gates, b.gates)
 
 

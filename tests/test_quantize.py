@@ -10,8 +10,9 @@ from test_model import nonzero_aligner, tokens
 from test_train_generate import RECORDS
 
 import train
-from aligner import Aligner
-from convert_weights import load_model, storage_bytes
+from support.adapter_file import load_aligner
+from support.checkpoint import load_model
+from support.quantize import storage_bytes
 
 torchao = pytest.importorskip("torchao")
 
@@ -38,7 +39,7 @@ def test_quantized_is_smaller_and_close(smollm2_dir, smollm2_full, mode, most, a
     NF4 moves each weight by about 9% (RMS; intrinsic to 16 levels, checked below), and on a
     135M-parameter model that flips a third of the greedy choices on natural text (measured 61-73%),
     so the bound for NF4 is 50%, far above a broken quantization's near 0%."""
-    from data import Tokenizer
+    from support.tokenizer import Tokenizer
 
     full = smollm2_full
     bf16 = sum(p.numel() * 2 for layer in full.layers for p in layer.parameters() if p.dim() == 2)
@@ -71,7 +72,7 @@ def test_training_on_a_quantized_base(model_256, tmp_path, mode):
                 "--micro-batch-size", "4", "--eval-every", "0", "--quiet", "--device", "cpu"])
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "q.metrics.jsonl").read_text().splitlines())]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    a = Aligner.load(out)
+    a = load_aligner(out)
     assert a.meta["quantize"] == mode and a.gates.abs().sum() > 0
     full = load_model(model_256)  # the unquantized base: the adapter loads and runs on it unchanged
     assert all(torch.equal(before[k], v) for k, v in full.state_dict().items())

@@ -14,9 +14,10 @@ from conftest import ROOT, official
 from test_model import assert_clean_error, run_cli
 
 import train
-from aligner import Aligner
-from convert_weights import load_model
-from data import IGNORE, PROMPT_NO_INPUT, Tokenizer, encode_example, format_prompt
+from support.adapter_file import load_aligner
+from support.checkpoint import load_model
+from data import IGNORE, PROMPT_NO_INPUT, encode_example, format_prompt
+from support.tokenizer import Tokenizer
 from generate import Sampling, generate
 
 RECORDS = [{"instruction": f"Name item {i}.", "input": "" if i % 3 else "a list", "output": f"Item {i} is here."}
@@ -77,7 +78,7 @@ def test_loss_on_labelled_positions_equals_the_full_loss(tiny, attention):
         (Path(d) / "r.json").write_text(json.dumps(RECORDS[:6]))
         batch = collate(load_examples(Path(d) / "r.json", tok, 256).examples, tok.eos_id, "cpu")
     aligner = nonzero_aligner(model.args, 2)
-    ours = train.SFTLoss()(model, aligner, batch)
+    ours, _ = train.sft_loss(model, aligner, batch)
     ours.backward()
     grad, aligner.gates.grad = aligner.gates.grad.clone(), None
     full = model(batch.ids[:, :-1], aligner)  # (B, T-1, vocab)
@@ -104,7 +105,7 @@ def test_training_learns_and_only_the_aligner_changes(tiny, data, tmp_path):
     train.main(train_args(path, data, out, "--max-steps", "12", "--lr", "3e-2"))
     ls = losses(out.with_suffix(".metrics.jsonl"))
     assert len(ls) == 12 and sum(ls[-3:]) / 3 < sum(ls[:3]) / 3
-    aligner = Aligner.load(out)
+    aligner = load_aligner(out)
     assert aligner.gates.abs().sum() > 0 and aligner.meta["base"] == str(path.resolve())
     after = load_model(path).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -119,7 +120,7 @@ def test_resume_gives_the_same_losses(tiny, data, tmp_path):
     train.main(train_args(path, data, tmp_path / "part.pt", "--max-steps", "6", "--resume"))
     full, part = losses(tmp_path / "full.metrics.jsonl"), losses(tmp_path / "part.metrics.jsonl")
     assert len(part) == 6 and full == pytest.approx(part, abs=1e-6)
-    a, b = Aligner.load(tmp_path / "full.pt"), Aligner.load(tmp_path / "part.pt")
+    a, b = load_aligner(tmp_path / "full.pt"), load_aligner(tmp_path / "part.pt")
     torch.testing.assert_close(a.tokens, b.tokens, atol=1e-6, rtol=0)
     torch.testing.assert_close(a.gates, b.gates, atol=1e-6, rtol=0)
 
@@ -127,7 +128,7 @@ def test_resume_gives_the_same_losses(tiny, data, tmp_path):
 def test_per_layer_and_more_tokens(tiny, data, tmp_path):
     _, path = tiny
     train.main(train_args(path, data, tmp_path / "p.pt", "--max-steps", "2", "--per-layer", "--tokens", "3"))
-    a = Aligner.load(tmp_path / "p.pt")
+    a = load_aligner(tmp_path / "p.pt")
     assert a.per_layer and a.tokens.shape == (2, 3, 64) and a.n_params() == 2 * 3 * 64 + 2 * 4
 
 

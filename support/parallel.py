@@ -7,7 +7,7 @@ Every rank holds the frozen base (or its shard, with --shard) and the same tiny 
 its share of every optimizer step's micro-batches; the Aligner's gradients are summed once per
 step (for a few thousand numbers that is all DistributedDataParallel would do). NCCL on GPUs,
 gloo on CPUs. With one process every function here does nothing.
-Read next: train.py.
+Read next: report.py.
 """
 import os
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from support.errors import UserError
 
 
 @dataclass

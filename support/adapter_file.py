@@ -1,0 +1,111 @@
+"""Adapter files: an Aligner saved by train.py, read back by generate.py, and the official released
+checkpoints read into the same Aligner. Files come from strangers: read with weights_only=True,
+every field checked.
+
+    save_aligner(aligner, "out.pt")
+    aligner = load_aligner("out.pt")        # ours, a training checkpoint, or an official .pth
+    path = base_dir(aligner, "out.pt")      # the base model directory it was trained on
+    checkpoint = read_checkpoint("out.pt")  # train.py's file with optimizer state, for --resume
+
+The format ("aligner-v1"): {"format", "tokens", "gates", "config": {n_tokens, start_layer,
+per_layer, dim, n_layers, n_heads, and plain metadata: base, template, mode, ...}}.
+Not run on its own. Read next: parallel.py.
+"""
+from pathlib import Path
+
+import torch
+
+from aligner import Aligner
+from model import ModelArgs
+from support.errors import UserError
+from support.inputs import load_weights
+from support.official import read_official_aligner
+from support.outputs import atomic_save
+
+FORMAT = "aligner-v1"
+SHAPE_KEYS = ("n_tokens", "start_layer", "per_layer", "dim", "n_layers", "n_heads")
+
+
+def to_dict(a: Aligner) -> dict:
+    config = {"n_tokens": a.n_tokens, "start_layer": a.start_layer, "per_layer": a.per_layer,
+              "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, **a.meta}
+    return {"format": FORMAT, "tokens": a.tokens.detach().cpu(), "gates": a.gates.detach().cpu(),
+            "config": config}
+
+
+def save_aligner(a: Aligner, path):
+    atomic_save(to_dict(a), path)
+
+
+def load_aligner(path) -> Aligner:
+    """Our adapter file, a training checkpoint, or an official released Aligner checkpoint."""
+    return from_state(load_weights(path), path)
+
+
+def base_dir(a: Aligner, where="the adapter", model=None) -> Path:
+    """The base model directory: `model` when given, else the one the adapter was trained on."""
+    if model:
+        return Path(model)
+    if not isinstance(a.meta.get("base"), str):
+        raise UserError(f"{where} records no base model: pass --model DIR")
+    if not (Path(a.meta["base"]) / "params.json").is_file():
+        raise UserError(f"{where} was trained on {a.meta['base']}, which is not there: pass --model DIR")
+    return Path(a.meta["base"])
+
+
+def from_state(d: dict, where="adapter") -> Aligner:
+    """The Aligner in a loaded file's dict; anything else, or anything damaged, is a UserError."""
+    if isinstance(d.get("aligner"), dict):
+        d = d["aligner"]  # a training checkpoint (train.py --resume)
+    if isinstance(d.get("format"), str) and d["format"] == FORMAT:
+        return from_dict(d, where)
+    if any(isinstance(k, str) and k.endswith("attn.gating_factor") for k in d):
+        tokens, gates, start, per_layer = read_official_aligner(d, where)
+        meta = {"source": f"official: {Path(where).name}"}
+        return from_tensors(tokens, gates, start, per_layer, meta, where)
+    raise UserError(f"{where}: this is a PyTorch file but not an Aligner adapter "
+                    f"(none of its keys look like one)")
+
+
+def from_dict(d: dict, where="adapter") -> Aligner:
+    """Our own format: tokens, gates and a config that must agree with them."""
+    c = d.get("config")
+    kinds = {k: bool if k == "per_layer" else int for k in SHAPE_KEYS}
+    if not isinstance(c, dict) or any(type(c.get(k)) is not kind for k, kind in kinds.items()):
+        raise UserError(f"{where}: its config is missing or damaged (it needs whole numbers "
+                        f"{', '.join(SHAPE_KEYS[:2] + SHAPE_KEYS[3:])} and per_layer true or false)")
+    meta = {k: v for k, v in c.items() if k not in SHAPE_KEYS}
+    if any(not isinstance(k, str) or not isinstance(v, (str, int, float, bool)) for k, v in meta.items()):
+        raise UserError(f"{where}: its config holds something other than names and plain values")
+    a = from_tensors(d.get("tokens"), d.get("gates"), c["start_layer"], c["per_layer"], meta, where)
+    if [a.n_tokens, a.start_layer, a.per_layer, a.dim, a.n_layers, a.n_heads] != [c[k] for k in SHAPE_KEYS]:
+        raise UserError(f"{where}: tensor shapes do not match its own config; the file is damaged")
+    return a
+
+
+def from_tensors(tokens, gates, start_layer: int, per_layer: bool, meta: dict, where="adapter") -> Aligner:
+    """An Aligner holding these tensors, once they are finite float tensors of agreeing shapes:
+    tokens (N, D), or (L - s, N, D) per layer, and gates (L - s, H)."""
+    for name, t, rank in (("tokens", tokens, 3 if per_layer else 2), ("gates", gates, 2)):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == rank and t.numel()):
+            raise UserError(f"{where}: {name} is not a non-empty float tensor of rank {rank}; the file "
+                            f"is damaged")
+        if not torch.isfinite(t).all():
+            raise UserError(f"{where}: {name} holds NaN or infinite values (from a run that "
+                            f"diverged?); it cannot be used")
+    (n_gated, n_heads), (n_tokens, dim) = gates.shape, tokens.shape[-2:]
+    if per_layer and tokens.shape[0] != n_gated:
+        raise UserError(f"{where}: {tokens.shape[0]} per-layer prompts for {n_gated} gated layers")
+    args = ModelArgs(dim=dim, n_layers=start_layer + n_gated, n_heads=n_heads)
+    aligner = Aligner(args, n_tokens, start_layer, per_layer, meta)
+    aligner.load_state_dict({"tokens": tokens.float(), "gates": gates.float()})
+    return aligner
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint that `save` wrote, for --resume."""
+    d = load_weights(path)
+    if not isinstance(d.get("aligner"), dict) or "optimizer" not in d or "step" not in d:
+        raise UserError(f"{path} is an adapter but not a training checkpoint of train.py, so it "
+                        f"cannot be resumed; start a new run from it with --init {path}")
+    return d

@@ -1,0 +1,116 @@
+"""The converted model directory that model.py loads: params.json (model.ModelArgs), one
+model.safetensors with Meta's tensor names and layout, and the tokenizer files.
+
+    model = load_model("checkpoints/smollm2-135m-instruct", device, dtype, quantize="none")
+    args, state = read_state(path)            # every tensor's shape checked before any is read
+    write_dir(args, state, path)              # the other way
+
+Not run on its own. Read next: tokenizer.py.
+"""
+import json
+import math
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from model import ModelArgs, Transformer
+from support.errors import UserError
+from support.inputs import read_json_object
+from support.quantize import quantize_base
+
+
+def read_params(path) -> ModelArgs:
+    """params.json: every size a positive number of the right type, the heads dividing the width."""
+    known = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in read_json_object(path).items() if k in known})
+    for f in fields(args):
+        v = getattr(args, f.name)
+        ok = type(v) is f.type or (f.type is float and type(v) is int)
+        if ok and f.type in (int, float) and f.name != "wo_bias_from":
+            ok = math.isfinite(v) and v > 0
+        if not ok:
+            raise UserError(f"{path}: {f.name} is {v!r}, but it must be a positive {f.type.__name__}")
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
+        raise UserError(f"{path}: dim {args.dim}, n_heads {args.n_heads} and n_kv_heads "
+                        f"{args.n_kv_heads} do not divide into even heads")
+    return args
+
+
+def require_sizes(d: dict, keys, where):
+    """Each of `keys` in the checkpoint's own config is a positive whole number."""
+    for key in keys:
+        if type(d.get(key)) is not int or d[key] < 1:
+            raise UserError(f"{where}: {key} is {d.get(key, 'missing')!r}, but a LLaMA needs a positive "
+                            f"whole number there")
+
+
+def check_shapes(args: ModelArgs, shapes: dict, where: str):
+    """Every tensor the model expects is there with the shape `args` implies, and no other;
+    `shapes` maps names to shapes, read before any tensor is."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+    for key in sorted(expected.keys() | shapes.keys()):
+        got = tuple(shapes[key]) if key in shapes else None
+        if expected.get(key) != got:
+            raise UserError(f"{where}: tensor {key} is {got or 'missing'}, but params.json "
+                            f"implies {expected.get(key) or 'no such tensor'}")
+
+
+def read_state(path, device="cpu"):
+    """(ModelArgs, tensors) of a converted directory, every shape checked before a tensor is read."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in ("params.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise UserError(f"{path / name} not found: make the model directory with "
+                            f"`python convert_weights.py SOURCE {path}`")
+    args = read_params(path / "params.json")
+    file = path / "model.safetensors"
+    try:
+        with safe_open(file, "pt") as f:
+            check_shapes(args, {k: f.get_slice(k).get_shape() for k in f.keys()}, str(file))
+        return args, load_file(file, device=str(device))
+    except (ValueError, TypeError, SafetensorError) as e:
+        raise UserError(f"{path}: cannot read the converted checkpoint ({e}); convert it again") from None
+
+
+def write_dir(args: ModelArgs, state: dict, path: Path):
+    """model.safetensors and params.json into the directory `path`."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors")
+    (path / "params.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+
+
+def load_model(path, device="cpu", dtype=torch.float32, quantize="none") -> Transformer:
+    """The frozen model in a converted directory, its layers' linear weights quantized when asked
+    (support/quantize.py)."""
+    args, state = read_state(path, device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return quantize_base(model.requires_grad_(False).eval(), quantize)
+
+
+def write_tokenizer_config(out: Path, bos, eos, add_bos: bool):
+    """tokenizer_config.json: the ids data.Tokenizer adds around a text."""
+    cfg = {"bos_id": bos, "eos_id": eos, "add_bos": bool(add_bos and bos is not None)}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def copy_sentencepiece(model_file: Path, out: Path, add_bos: bool):
+    """A sentencepiece tokenizer.model into `out`, with its config."""
+    import shutil
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    shutil.copy(model_file, out / "tokenizer.model")
+    write_tokenizer_config(out, sp.bos_id(), sp.eos_id(), add_bos)

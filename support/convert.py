@@ -1,0 +1,77 @@
+"""Any checkpoint into the converted directory (support/checkpoint.py): the command behind
+convert_weights.py, and `model_dir`, which finds the model for train.py and generate.py,
+converting the embedded default on first use.
+
+    convert("~/Llama-2-7b-hf", "checkpoints/l2-7b", dtype=None, force=False)
+    path = model_dir(None)     # the embedded default, converted once
+
+Not run on its own. Read next: default_model.py.
+"""
+import json
+import sys
+from pathlib import Path
+
+from support.checkpoint import check_shapes, write_dir
+from support.default_model import DEFAULT_MODEL, DEFAULT_MODEL_DIR, fetch_smollm2
+from support.errors import UserError
+from support.flags import DTYPES
+from support.gguf_file import from_gguf
+from support.hf import from_hf
+from support.meta import from_meta
+from support.outputs import new_directory
+
+
+def detect(source: str):
+    """(converter, path) for SOURCE: the default model's name, a GGUF file, or a Meta/HF directory."""
+    if source == DEFAULT_MODEL:
+        return from_gguf, fetch_smollm2()
+    path = Path(source).expanduser()
+    if path.is_file() and path.name.startswith("consolidated.") or path.name == "params.json":
+        path = path.parent
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return from_gguf, path
+        raise UserError(f"{path}: not a GGUF file (a Meta or Hugging Face checkpoint is a directory)")
+    if not path.is_dir():
+        raise UserError(f"{source} not found (give a checkpoint directory, a .gguf file, "
+                        f"or {DEFAULT_MODEL})")
+    if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
+        return from_meta, path
+    if (path / "config.json").is_file():
+        return from_hf, path
+    raise UserError(f"{path}: neither a Meta checkpoint (params.json + consolidated.*.pth) nor a "
+                    f"Hugging Face one (config.json + weights)")
+
+
+def convert(source: str, out_dir, dtype: str = None, force=False) -> Path:
+    """SOURCE (see `detect`) converted into the directory OUT_DIR, put in place only when complete."""
+    out = Path(out_dir)
+    with new_directory(out, force, sources=[source] if source != DEFAULT_MODEL else []) as tmp:
+        converter, path = detect(source)
+        try:
+            args, state, write_tokenizer = converter(path)
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:  # what the checks above did not foresee
+            raise UserError(f"{path}: the checkpoint's tensors do not fit together ({type(e).__name__}: "
+                            f"{str(e)[:100]})") from None
+        check_shapes(args, {k: v.shape for k, v in state.items()}, str(path))
+        if dtype:
+            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+        write_dir(args, state, tmp)
+        write_tokenizer(tmp)
+        (tmp / "source.json").write_text(json.dumps({"source": str(source)}) + "\n")
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {out}: {n / 1e6:.1f}M parameters, dim {args.dim}, {args.n_layers} layers, "
+          f"{args.n_heads} heads ({args.n_kv_heads} key/value), vocab {args.vocab_size}")
+    return out
+
+
+def model_dir(path=None) -> Path:
+    """The model directory to use: `path`, or the embedded default, converted on first use."""
+    if path is not None:
+        return Path(path)
+    if not (DEFAULT_MODEL_DIR / "params.json").is_file():
+        print(f"first use: making {DEFAULT_MODEL_DIR} (python convert_weights.py {DEFAULT_MODEL})",
+              file=sys.stderr)
+        convert(DEFAULT_MODEL, DEFAULT_MODEL_DIR, force=True)
+    return DEFAULT_MODEL_DIR

@@ -1,0 +1,124 @@
+"""Reading files that come from strangers: weights (never code), JSON, and text, each failure one line.
+
+    d = load_weights("out.pt")          # torch.load(weights_only=True): a file with code is refused
+    cfg = read_json_object("params.json")
+    records = read_json("alpaca.jsonl")  # a .jsonl file: the list of its lines' values
+    records = read_records("alpaca.json", ("instruction", "output"))  # dicts of strings, checked
+
+Not run on its own. Read next: outputs.py.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from support.errors import UserError
+
+
+def existing_file(path, what="file") -> Path:
+    """`path` as a Path, when it names an existing file (not a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the {what} itself")
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    return path
+
+
+def load_weights(path, what="adapter file", mmap=False) -> dict:
+    """The dict of tensors in a PyTorch file, read with weights_only=True (adapter files and
+    checkpoints come from strangers); anything else is one UserError."""
+    path = existing_file(path, what)
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated zip, a text file, a pickle with code in it: all refused alike
+        raise UserError(f"{path}: cannot be read as PyTorch weights ({type(e).__name__}): not a "
+                        f".pt/.pth file, truncated, or holding code that weights_only refuses") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: holds a {type(d).__name__}, not a dict of tensors")
+    return d
+
+
+def read_json_object(path) -> dict:
+    """The JSON object in a file, or a UserError naming the file."""
+    try:
+        d = json.loads(existing_file(path).read_bytes())
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
+
+
+def read_text(path) -> str:
+    path = existing_file(path, "data file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def read_json(path):
+    """The JSON value in `path` (a list of the lines' values for .jsonl), or a UserError that says
+    where the problem is."""
+    path, text = Path(path), read_text(path)
+    lines = enumerate(text.splitlines(), 1) if path.suffix == ".jsonl" else [(None, text)]
+    values = []
+    for n, line in lines:
+        try:
+            values += [json.loads(line)] if line.strip() or n is None else []
+        except json.JSONDecodeError as e:
+            where = f"line {n}, column {e.colno}" if n else f"line {e.lineno}, column {e.colno}"
+            raise UserError(f"{path}: invalid JSON on {where}: {e.msg}") from None
+        except RecursionError:
+            raise UserError(f"{path}: the JSON is nested too deeply to be records") from None
+    return values if path.suffix == ".jsonl" else values[0]
+
+
+def valid_text(text: str) -> bool:
+    """True unless the string holds a lone surrogate, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def text_lines(path) -> list:
+    """The non-empty lines of a UTF-8 text file, stripped; at least one."""
+    lines = [line.strip() for line in read_text(path).splitlines()]
+    if not any(lines) or not all(map(valid_text, lines)):
+        raise UserError(f"{path}: no prompts, or a line that is not valid text")
+    return [line for line in lines if line]
+
+
+def stdin_lines():
+    """The lines of standard input, one prompt each; a line that is not UTF-8 is refused."""
+    for n, line in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise UserError(f"standard input, line {n}: not UTF-8 text") from None
+
+
+def read_records(path, fields, optional=("input",)) -> list:
+    """A non-empty list of dicts whose `fields` (and `optional` fields, where present) are strings."""
+    path = Path(path)
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise UserError(f"{path}: expected a list of records, found a {type(records).__name__}")
+    if not records:
+        raise UserError(f"{path}: no records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise UserError(f"{path}: record {i} is a {type(r).__name__}, not an object")
+        for f in fields + tuple(optional):
+            if f not in r and f not in optional:
+                raise UserError(f"{path}: record {i} has no {f!r} field")
+            if f in r and not isinstance(r[f], str):
+                raise UserError(f"{path}: record {i}: field {f!r} is a {type(r[f]).__name__}, not a string")
+            if f in r and not r[f].isascii() and not valid_text(r[f]):
+                raise UserError(f"{path}: record {i}: field {f!r} holds a character that is not valid "
+                                f"text (a lone UTF-16 surrogate, as '\\ud800' writes it)")
+    return records

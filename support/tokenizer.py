@@ -1,0 +1,62 @@
+"""The tokenizer of a converted model directory: text <-> ids with sentencepiece (tokenizer.model)
+or the `tokenizers` library (tokenizer.json), and the BOS/EOS ids from tokenizer_config.json.
+
+    tok = Tokenizer("checkpoints/smollm2-135m-instruct")
+    ids = tok.encode("Hello", bos=None, eos=False); text = tok.decode(ids)
+
+Not run on its own. Read next: quantize.py.
+"""
+from pathlib import Path
+
+from support.errors import UserError
+from support.inputs import read_json_object
+
+
+class Tokenizer:
+    """encode/decode for a converted model directory: sentencepiece (tokenizer.model) or the
+    `tokenizers` library (tokenizer.json), plus tokenizer_config.json with bos_id, eos_id, add_bos."""
+
+    def __init__(self, path):
+        path = Path(path)
+        config = path / "tokenizer_config.json"
+        if not config.is_file():
+            raise UserError(f"{config} not found: this model directory has no tokenizer; convert "
+                            f"a checkpoint that includes one with convert_weights.py")
+        cfg = read_json_object(config)
+        self.bos_id, self.eos_id, self.add_bos = cfg.get("bos_id"), cfg.get("eos_id"), cfg.get("add_bos")
+        if not all(i is None or type(i) is int and i >= 0 for i in (self.bos_id, self.eos_id)) or \
+                type(self.add_bos) is not bool:
+            raise UserError(f"{config}: bos_id and eos_id must be token ids (or null), add_bos true or false")
+        try:
+            self._encode, self._decode = self.backend(path)
+        except Exception as e:  # both libraries raise plain exceptions on a damaged file
+            raise UserError(f"{path}: the tokenizer cannot be read ({type(e).__name__}: {str(e)[:80]}); "
+                            f"convert the checkpoint again") from None
+
+    @staticmethod
+    def backend(path: Path):
+        """(encode, decode) of the tokenizer file in `path`."""
+        if (path / "tokenizer.model").is_file():
+            import sentencepiece
+
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            return sp.encode, sp.decode
+        if (path / "tokenizer.json").is_file():
+            import tokenizers
+
+            tk = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            return (lambda text: tk.encode(text, add_special_tokens=False).ids,
+                    lambda ids: tk.decode(ids, skip_special_tokens=False))
+        raise UserError(f"{path}: neither tokenizer.model nor tokenizer.json is there")
+
+    def encode(self, text: str, bos=None, eos=False) -> list:
+        bos = self.add_bos if bos is None else bos
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+    @property
+    def pad_id(self) -> int:
+        """The id that fills a batch's short rows: EOS where the tokenizer has one (never a label)."""
+        return self.eos_id if self.eos_id is not None else 0
