@@ -19,14 +19,15 @@ from support.adapter_file import base_dir, load_aligner
 from support.checkpoint import read_state, write_dir
 from support.errors import UserError, run_main
 from support.hf import to_hf
-from support.outputs import check_output_file, new_directory
+from support.outputs import check_output_dir, check_output_file
+from support.temporary import new_directory
 
 
 def inspect(path, plot=None):
     a = load_aligner(path)
     print(report.describe(a, path))
     if plot:
-        check_output_file(plot, [path])
+        check_output_file(plot, [path], [a.meta.get("base")])
         report.plot_gates(a, plot)
 
 
@@ -38,7 +39,8 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
                         f"(with N > 1 the prefix softmax weights depend on each query, so the added "
                         f"vector is not a constant); keep using it as an adapter")
     src = base_dir(a, adapter, model)
-    with new_directory(out, force, sources=[src, adapter]) as tmp:  # out is checked before any work
+    check_output_dir(out, [src, adapter], force)  # before any work
+    with new_directory(out, f"{src} + {adapter}") as tmp:
         args, state = read_state(src)
         a.check_fits(args, str(src))
         for layer in range(a.start_layer, args.n_layers):

@@ -25,8 +25,9 @@ from aligner import Aligner
 from data import IGNORE, Batch
 from generate import Sampling, generate_batch
 from model import CONFIGS, Transformer
-from support.errors import run_main
-from support.flags import DTYPES, QUANTIZE, flag, fraction, parse_flags
+from support.errors import UserError, run_main
+from support.flags import (DTYPES, QUANTIZE, check_flags, device_name, flag, fraction, parse_flags,
+                           positive_int)
 from support.hf import hf_state
 from support.quantize import quantize_base, storage_bytes
 from train import sft_loss
@@ -126,16 +127,16 @@ def train_flops_per_token(args, seq, start, labelled):
 
 @dataclass
 class BenchConfig:
-    device: str = flag("cpu", "cpu or cuda")
+    device: str = flag("cpu", "cpu or cuda", device_name)
     size: str = flag("tiny", "model shapes (random weights)",
                      choices=["tiny", "smollm2-135m", "llama-2-7b", "llama-2-13b"])
-    tokens: int = flag(1, "Aligner tokens N", int)
-    batch: int = flag(8, "training batch", int)
-    seq: int = flag(128, "training sequence length", int)
-    new_tokens: int = flag(64, "tokens generated per decoding round", int)
-    gen_batch: int = flag(32, "prompts (of mixed lengths) in the batched decoding round", int)
-    rounds: int = flag(3, "alternating rounds of each measurement", int)
-    steps: int = flag(3, "training steps per round", int)
+    tokens: int = flag(1, "Aligner tokens N", positive_int)
+    batch: int = flag(8, "training batch", positive_int)
+    seq: int = flag(128, "training sequence length", positive_int)
+    new_tokens: int = flag(64, "tokens generated per decoding round", positive_int)
+    gen_batch: int = flag(32, "prompts (of mixed lengths) in the batched decoding round", positive_int)
+    rounds: int = flag(3, "alternating rounds of each measurement", positive_int)
+    steps: int = flag(3, "training steps per round", positive_int)
     dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 on cpu",
                       choices=["auto", "float32", "bfloat16"])
     compile: bool = flag(False, "torch.compile our training forward and decoding step")
@@ -146,6 +147,9 @@ class BenchConfig:
     activation_checkpointing: bool = flag(False, "recompute our layers in backward")
     quantize: str = flag("none", "our frozen layers in 8 or 4 bits (needs torchao)", choices=QUANTIZE)
     no_peer: bool = flag(False, "skip transformers + PEFT")
+
+    def __post_init__(self):
+        check_flags(self)
 
 
 class Contender:
@@ -282,6 +286,11 @@ def bench(cfg: BenchConfig):
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else auto
     margs = CONFIGS[cfg.size]
+    if cfg.seq + 1 > margs.max_seq_len or cfg.new_tokens + 64 > margs.max_seq_len:
+        raise UserError(f"--seq {cfg.seq} (+1) and --new-tokens {cfg.new_tokens} (after prompts of up to 64) "
+                        f"must fit the {cfg.size} context of {margs.max_seq_len}")
+    if int(cfg.prompt * (cfg.seq + 1)) >= cfg.seq:
+        raise UserError(f"--prompt {cfg.prompt} leaves no labelled position in --seq {cfg.seq}: lower it")
     model = random_model(margs, device, dtype)
     model.use_sdpa(cfg.attention == "sdpa")
     model.activation_checkpointing = cfg.activation_checkpointing

@@ -23,11 +23,10 @@ from tqdm import tqdm
 
 from aligner import AlignerBatch
 from data import format_prompt
-from support.tokenizer import Tokenizer
 from generate import Sampling, generate_batch
 from support.convert import model_dir
 from support.errors import run_main
-from support.flags import QUANTIZE, Runtime
+from support.flags import QUANTIZE, Runtime, path_text, positive_float, positive_int, random_seed
 from train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -58,7 +57,7 @@ def demo(args):
                             warmup_steps=10, schedule="cosine", max_steps=400, max_time=args.seconds,
                             eval_every=50, eval_batches=2, val_fraction=0.05, save_every=0, seed=args.seed),
                 Runtime(device="cpu", quantize=args.quantize))
-    model, tok, aligner = run.model, Tokenizer(path), run.aligner
+    model, tok, aligner = run.model, run.tok, run.aligner
     t_train = time.time() - t0
     held = [r["instruction"] for r in json.loads((DATA / "form_heldout.json").read_text())[: args.limit]]
     results = answer_both(model, tok, aligner, held, args)
@@ -98,12 +97,12 @@ def report(results, follows_form, rule, aligner):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=300, help="training time budget")
-    p.add_argument("--tokens", type=int, default=1, help="Aligner tokens")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit")
-    p.add_argument("--limit", type=int, help="evaluate only the first N held-out instructions")
-    p.add_argument("--out", default="runs/demo/aligner.pt", help="where the adapter goes")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--seconds", type=positive_float, default=300, help="training time budget")
+    p.add_argument("--tokens", type=positive_int, default=1, help="Aligner tokens")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer length limit")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N held-out instructions")
+    p.add_argument("--out", type=path_text, default="runs/demo/aligner.pt", help="where the adapter goes")
+    p.add_argument("--seed", type=random_seed, default=1337, help="random seed")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="the frozen base in 8 or 4 bits (needs torchao)")
     run_main(demo, p.parse_args(argv))

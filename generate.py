@@ -27,11 +27,13 @@ from model import Transformer
 from support.adapter_file import base_dir, load_aligner
 from support.checkpoint import load_model
 from support.convert import model_dir
+from support.default_model import DEFAULT_MODEL_DIR
 from support.errors import UserError, run_main
 from support.flags import (Runtime, check_flags, count, flag, non_negative_float, parse_flags, path_text,
                            positive_int, probability, random_seed)
 from support.inputs import stdin_lines, valid_text
-from support.outputs import check_output_file, write_jsonl
+from support.outputs import check_output_file
+from support.temporary import write_jsonl
 
 
 @dataclass
@@ -51,7 +53,7 @@ def sample(logits, s: Sampling):
     """Next token of each row (B, 1) from logits (B, vocab): greedy at temperature 0, else top-k/top-p."""
     if s.temperature <= 0:
         return logits.argmax(-1, keepdim=True)  # (B, 1)
-    logits = logits / s.temperature  # (B, vocab)
+    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature  # (B, vocab): max 0, so no overflow
     if s.top_k and s.top_k < logits.shape[-1]:
         kth = torch.topk(logits, s.top_k).values[:, -1:]  # (B, 1) the k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, vocab)
@@ -154,14 +156,23 @@ class Column(NamedTuple):  # one way of answering every prompt: the base model, 
     template: str
 
 
-def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
-    """(model, tokenizer, Columns), the base model's column first when asked."""
-    adapters = [(path, load_aligner(path)) for path in cfg.adapter or [] if not cfg.no_adapter]
-    bases = {str(base_dir(a, path, cfg.model)) for path, a in adapters}
+def one_base(adapters: list, model):
+    """The base model directory: --model, or the one every adapter names (None: the default)."""
+    bases = {str(base_dir(a, path, model)) for path, a in adapters}
     if len(bases) > 1:
         raise UserError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}): "
                         f"pass --model DIR to use one")
-    path = model_dir(bases.pop() if bases else cfg.model)
+    return bases.pop() if bases else model
+
+
+def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
+    """(model, tokenizer, Columns), the base model's column first when asked. --out is checked
+    against every input, the base the adapters name included, before the model is loaded."""
+    adapters = [(path, load_aligner(path)) for path in cfg.adapter or [] if not cfg.no_adapter]
+    base = one_base(adapters, cfg.model)
+    if cfg.out:
+        check_output_file(cfg.out, [cfg.data, *(cfg.adapter or [])], [base or DEFAULT_MODEL_DIR])
+    path = model_dir(base)
     device = runtime.pick_device()
     model = load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
     model.use_sdpa(runtime.attention == "sdpa")
@@ -171,7 +182,7 @@ def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
     columns = [Column(p, a, "raw" if cfg.raw else a.meta.get("template", "alpaca")) for p, a in adapters]
     if cfg.compare or not columns:
         columns.insert(0, Column("base", None, "raw" if cfg.raw else "alpaca"))
-    return model, Tokenizer(path), columns
+    return model, Tokenizer(path, model.args.vocab_size), columns
 
 
 def batches(model, columns, n_prompts: int, batch_size: int):
@@ -211,14 +222,12 @@ def answer_file(cfg: GenerateConfig, sampling: Sampling, model, tok, columns, fo
 
 
 def respond(cfg: GenerateConfig, sampling: Sampling, runtime: Runtime):
-    if cfg.out:  # before any work: the answers must not overwrite an input
-        check_output_file(cfg.out, [cfg.data, *(cfg.adapter or [])], model=cfg.model)
     model, tok, columns = load_for_generation(cfg, runtime)
     forward = torch.compile(model, dynamic=False, mode="reduce-overhead" if model.output.weight.is_cuda
                             else None) if runtime.compile else model
     if cfg.data:
         return answer_file(cfg, sampling, model, tok, columns, forward)
-    for text in filter(str.strip, cfg.prompt or stdin_lines()):
+    for text in filter(str.strip, cfg.prompt or stdin_lines()):  # stdin: one prompt a line
         if not valid_text(text):
             raise UserError("a prompt is not valid UTF-8 text")
         for name, aligner, template in columns:

@@ -31,13 +31,15 @@ from support.tokenizer import Tokenizer
 from generate import Sampling, generate
 from model import Transformer
 from support import parallel, report
-from support.adapter_file import from_dict, load_aligner, read_checkpoint, to_dict
+from support.adapter_file import load_aligner, read_checkpoint, restore_optimizer, to_dict
 from support.checkpoint import load_model
 from support.convert import model_dir
-from support.errors import UserError, run_main
+from support.default_model import DEFAULT_MODEL_DIR
+from support.errors import Terminated, UserError, run_main
 from support.flags import (Runtime, check_flags, count, flag, fraction, non_negative_float, parse_flags,
                            path_text, positive_float, positive_int, random_seed)
-from support.outputs import JsonLines, atomic_save, check_output_file
+from support.outputs import check_output_file
+from support.temporary import StagedLines, atomic_save
 
 
 @dataclass
@@ -129,30 +131,23 @@ class Run:
 # ---- set-up ----------------------------------------------------------------------------------------
 def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     """Everything the loop needs; `model` is a base already loaded (demo.py reuses one)."""
+    if cfg.out:  # before any work: --out and its metrics file may cost the user no file
+        for out in (cfg.out, metrics_path(cfg)):
+            check_output_file(out, [cfg.data, cfg.init], [cfg.model or DEFAULT_MODEL_DIR])
     path = model_dir(cfg.model)
-    if cfg.out:  # before any work: --out (and its metrics file) must not be one of the inputs
-        check_output_file(cfg.out, [cfg.data, cfg.init], ".metrics.jsonl", model=path)
     torch.manual_seed(cfg.seed)
     ranks = parallel.setup(runtime.pick_device(), cfg.shard)
     if cfg.batch_size % (cfg.micro_batch_size * ranks.world):  # the config checked it for one process
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
                         f"{cfg.micro_batch_size} times the {ranks.world} process(es)")
-    checkpoint = read_checkpoint(cfg.out) if cfg.resume else None
+    checkpoint = read_checkpoint(cfg.out, resume_flags(cfg, path, runtime)) if cfg.resume else None
     model = model or load_model(path, ranks.device, runtime.pick_dtype(ranks.device), runtime.quantize)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.use_sdpa(runtime.attention == "sdpa")
     if cfg.shard:
         parallel.shard_model(model)
-    tok = Tokenizer(path)
-    template = "raw" if cfg.raw else "alpaca"
-    if cfg.dpo:  # the loss and the data it reads (dpo.py); the reference: --init, or the base alone
-        import dpo
-        data = dpo.load_pairs(cfg.data, tok, cfg.max_seq_len, template)
-        reference = load_aligner(cfg.init) if cfg.init else None
-        loss_fn, batcher = dpo.DPOLoss(reference, cfg.beta), dpo.collate_pairs
-    else:
-        data = load_examples(cfg.data, tok, cfg.max_seq_len, template, cfg.full_text)
-        loss_fn, batcher = sft_loss, collate
+    tok, max_len = Tokenizer(path, model.args.vocab_size), min(cfg.max_seq_len, model.args.max_seq_len)
+    data, loss_fn, batcher = load_data(cfg, tok, max_len)
     val, train_set = split(data.examples, cfg.val_fraction, cfg.seed)
     aligner = make_aligner(cfg, model, path, checkpoint, runtime.quantize).to(ranks.device)
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -163,11 +158,34 @@ def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     forward = torch.compile(model) if runtime.compile else model
     run = Run(model, forward, tok, aligner, loss_fn, batcher, optimizer, train_set, val, ranks, total, warmup)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        run.step = checkpoint["step"]
+        restore_optimizer(optimizer, checkpoint[0]["optimizer"], cfg.out)
+        run.step = checkpoint[0]["step"]
     if ranks.rank == 0:
         print(report.describe_run(run, cfg, path, data))
     return run
+
+
+def load_data(cfg: TrainConfig, tok: Tokenizer, max_len: int):
+    """(the data, the loss, the batcher): instruction examples for sft_loss, or with --dpo preference
+    pairs for dpo.py's loss, whose reference policy is --init (or the base alone)."""
+    template = "raw" if cfg.raw else "alpaca"
+    if not cfg.dpo:
+        return load_examples(cfg.data, tok, max_len, template, cfg.full_text), sft_loss, collate
+    import dpo
+    reference = load_aligner(cfg.init) if cfg.init else None
+    pairs = dpo.load_pairs(cfg.data, tok, max_len, template)
+    return pairs, dpo.DPOLoss(reference, cfg.beta), dpo.collate_pairs
+
+
+def metrics_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.out).with_suffix(".metrics.jsonl")
+
+
+def resume_flags(cfg: TrainConfig, path: Path, runtime: Runtime) -> dict:
+    """The flags that define the Aligner and its base: --resume must give what the checkpoint has."""
+    return {"--tokens": cfg.tokens, "--start-layer": cfg.start_layer, "--per-layer": cfg.per_layer,
+            "--model": str(path.resolve()), "--raw": cfg.raw, "--dpo": cfg.dpo,
+            "--quantize": runtime.quantize, "--init": cfg.init}
 
 
 def make_aligner(cfg: TrainConfig, model: Transformer, path: Path, checkpoint, quantize: str) -> Aligner:
@@ -175,7 +193,7 @@ def make_aligner(cfg: TrainConfig, model: Transformer, path: Path, checkpoint, q
     meta = {"base": str(path.resolve()), "template": "raw" if cfg.raw else "alpaca",
             "mode": "dpo" if cfg.dpo else "sft", "data": Path(cfg.data).name, "quantize": quantize}
     if checkpoint is not None:
-        aligner = from_dict(checkpoint["aligner"], cfg.out)
+        aligner = checkpoint[1]
     elif cfg.init:
         aligner = load_aligner(cfg.init)
         aligner.meta.update(meta)
@@ -222,7 +240,7 @@ def mean(rows: list) -> dict:
 
 
 @torch.no_grad()
-def evaluate(run: Run, cfg: TrainConfig, metrics: JsonLines, bar):
+def evaluate(run: Run, cfg: TrainConfig, metrics: StagedLines, bar):
     """The validation loss (mean over --eval-batches micro-batches) to the metrics file, and a
     greedy answer to a held-out prompt on screen."""
     if not run.val:
@@ -240,10 +258,11 @@ def evaluate(run: Run, cfg: TrainConfig, metrics: JsonLines, bar):
         bar.write(f"step {run.step}: val loss {val_loss:.4f} | sample: {run.tok.decode(ids).strip()[:200]!r}")
 
 
-def save(run: Run, cfg: TrainConfig):
+def save(run: Run, cfg: TrainConfig, metrics: StagedLines):
     """The checkpoint at --out, atomically: the Aligner (what generate.py reads), the optimizer
-    state and the step (what --resume reads), and the config. Only an Aligner whose loss on a
-    training batch is finite is written: --out always holds the last good one."""
+    state and the step (what --resume reads), and the config; then the metrics up to this step.
+    Only an Aligner whose loss on a training batch is finite is written: --out always holds the
+    last good one, and OUT.metrics.jsonl the metrics of that one."""
     if not cfg.out:
         return
     with torch.no_grad():
@@ -255,23 +274,22 @@ def save(run: Run, cfg: TrainConfig):
     if run.ranks.rank == 0:
         atomic_save({"aligner": to_dict(run.aligner), "optimizer": run.optimizer.state_dict(),
                      "step": run.step, "config": asdict(cfg)}, cfg.out)
+        metrics.publish()
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
-def loop(run: Run, cfg: TrainConfig) -> bool:
-    """Train until the last step, --max-time or Ctrl-C; True if Ctrl-C stopped it."""
-    # OUT.metrics.jsonl, a line per step and evaluation, by rank 0 alone; started afresh unless --resume
-    path = Path(cfg.out).with_suffix(".metrics.jsonl") if cfg.out and run.ranks.rank == 0 else None
-    metrics = JsonLines(path, fresh=not cfg.resume)
+def loop(run: Run, cfg: TrainConfig, metrics: StagedLines) -> list:
+    """Train until the last step, --max-time, Ctrl-C or SIGTERM; returns the signals that stopped it."""
     bar = tqdm(total=run.total, initial=run.step, desc="train", dynamic_ncols=True,
                disable=cfg.quiet or run.ranks.rank > 0)
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    stop = []  # Ctrl-C (SIGINT) and SIGTERM finish the step, then the run saves and exits
+    previous = {s: signal.signal(s, lambda signum, _: stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     t0, n_seen = time.time(), 0
     try:
         if cfg.eval_every and not cfg.resume:
             evaluate(run, cfg, metrics, bar)  # the starting point: the base model, or the --init Aligner
-        while run.step < run.total and not should_stop(run, cfg, time.time() - t0, interrupted, bar):
+        while run.step < run.total and not should_stop(run, cfg, time.time() - t0, stop, bar):
             loss, lr, n, stats = train_step(run, cfg)
             n_seen += n
             tok_s = n_seen / (time.time() - t0)
@@ -282,34 +300,36 @@ def loop(run: Run, cfg: TrainConfig) -> bool:
             if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == run.total):
                 evaluate(run, cfg, metrics, bar)
             if cfg.save_every and run.step % cfg.save_every == 0:
-                save(run, cfg)
+                save(run, cfg, metrics)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         bar.close()
-    return bool(interrupted)
+    return stop
 
 
-def should_stop(run: Run, cfg: TrainConfig, seconds: float, interrupted: list, bar) -> bool:
-    """Ctrl-C, or --max-time used up; every rank agrees, so that all stop at the same step."""
+def should_stop(run: Run, cfg: TrainConfig, seconds: float, stop: list, bar) -> bool:
+    """A signal, or --max-time used up; every rank agrees, so that all stop at the same step."""
     out_of_time = bool(cfg.max_time) and seconds > cfg.max_time
     if out_of_time:
         bar.write(f"stopping at step {run.step}: --max-time {cfg.max_time}s reached")
-    return parallel.all_sum(float(bool(interrupted) or out_of_time), run.ranks) > 0
+    return parallel.all_sum(float(bool(stop) or out_of_time), run.ranks) > 0
 
 
 def train(cfg: TrainConfig, runtime: Runtime = Runtime(), model=None) -> Run:
-    """Set up, loop, save. Returns the finished Run (its aligner, its model); raises
-    KeyboardInterrupt after saving when Ctrl-C stopped the run."""
+    """Set up, loop, save. Returns the finished Run (its aligner, its model); after saving, raises
+    KeyboardInterrupt when Ctrl-C stopped the run, and Terminated when SIGTERM did."""
     run = setup(cfg, runtime, model)
-    interrupted = loop(run, cfg)
-    save(run, cfg)
+    with StagedLines(metrics_path(cfg) if cfg.out and run.ranks.rank == 0 else None, cfg.resume) as metrics:
+        stop = loop(run, cfg, metrics)
+        save(run, cfg, metrics)
     parallel.finish(run.ranks)
     if run.ranks.rank == 0 and cfg.out:
-        print(f"{'interrupted: ' if interrupted else ''}saved {cfg.out} at step {run.step} "
-              f"({run.aligner.n_params():,} parameters); metrics in "
-              f"{Path(cfg.out).with_suffix('.metrics.jsonl')}")
-    if interrupted:
-        raise KeyboardInterrupt
+        said = "terminated: " if signal.SIGTERM in stop else "interrupted: " if stop else ""
+        print(f"{said}saved {cfg.out} at step {run.step} "
+              f"({run.aligner.n_params():,} parameters); metrics in {metrics_path(cfg)}")
+    if stop:
+        raise Terminated() if signal.SIGTERM in stop else KeyboardInterrupt()
     return run
 
 

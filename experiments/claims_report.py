@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from support.adapter_file import load_aligner  # noqa: E402
-from support.outputs import atomic_write  # noqa: E402
+from support.temporary import atomic_write  # noqa: E402
 
 OFFICIAL = ROOT.parent / "shared" / "official_aligner" / \
     "aligner1Token-llama2-7B-lr0.009bs64weightDecay0.02wu2-epoch-8.0-valloss0.9565.pth"

@@ -44,13 +44,15 @@ from make_form_data import follows_form  # noqa: E402
 from support.checkpoint import load_model  # noqa: E402
 from support.convert import model_dir  # noqa: E402
 from support.errors import UserError, run_main  # noqa: E402
+from support.outputs import check_output_file  # noqa: E402
 from support.flags import (Runtime, check_flags, flag, parse_flags, path_text, positive_float,  # noqa: E402
                            positive_int)
-from support.outputs import write_jsonl  # noqa: E402
+from support.temporary import write_jsonl  # noqa: E402
 from train import TrainConfig, sft_loss, train  # noqa: E402
 
 import claims_report  # noqa: E402  (experiments/ is on the path when this file runs)
 
+OUTPUTS = ["cells.jsonl", "results.md", "results.json", "grid.png", "start_layer.png", "gates.png"]
 METHODS = [("aligner", 1), ("aligner", 10), ("aligner", 100), ("per-layer", 10), ("lora", 8)]
 CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Vienna", "Helsinki", "Havana", "Bangkok",
           "Nairobi", "Athens", "Warsaw", "Madrid", "Tokyo", "Berlin", "Ottawa", "Prague", "Santiago",
@@ -298,14 +300,31 @@ def read_cells(path: Path) -> dict:
     return rows
 
 
+def check_budget(out: Path, todo: list, done: dict):
+    """The results folder holds no cell of another budget or task: its tables would be rewritten
+    from a mix (a --quick run over the committed results, say)."""
+    mine = {key(c) for c in todo}
+    other = [row for k, row in done.items() if k not in mine]
+    if other:
+        names = ("task", "steps", "batch", "lr", "held", "people")
+        budget = {k: other[0][k] for k in names if k in other[0]}
+        raise UserError(f"{out / 'cells.jsonl'} holds {len(other)} cells of another budget or task than "
+                        f"this run's (e.g. {budget}); name another --out to keep the two apart")
+
+
 def experiment(cfg: ExperimentConfig):
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir() or str(cfg.out).endswith(".jsonl"):
+        raise UserError(f"--out {cfg.out} must be a folder (cells.jsonl, results.md, ... go inside it)")
+    for name in OUTPUTS:  # each file the run writes passes the output gate, before any work
+        check_output_file(out / name)
     path = model_dir(None)
     model, tok = load_model(path), Tokenizer(path)
     tasks = {"form": form_task(cfg.quick), "knowledge": knowledge_task(cfg.people, cfg.quick)}
     n_held = {name: len(t.held) for name, t in tasks.items()}
     todo, done = cells(cfg, model.args.n_layers, n_held), read_cells(out / "cells.jsonl")
+    check_budget(out, todo, done)
+    out.mkdir(parents=True, exist_ok=True)
     left = [c for c in todo if key(c) not in done]
     print(f"{len(todo)} cells, {len(todo) - len(left)} already in {out / 'cells.jsonl'}, {len(left)} to run")
     with tempfile.TemporaryDirectory() as scratch, open(out / "cells.jsonl", "a") as log:

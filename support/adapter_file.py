@@ -5,7 +5,7 @@ every field checked.
     save_aligner(aligner, "out.pt")
     aligner = load_aligner("out.pt")        # ours, a training checkpoint, or an official .pth
     path = base_dir(aligner, "out.pt")      # the base model directory it was trained on
-    checkpoint = read_checkpoint("out.pt")  # train.py's file with optimizer state, for --resume
+    checkpoint, aligner = read_checkpoint("out.pt", {"--tokens": 1})  # train.py's, for --resume
 
 The format ("aligner-v1"): {"format", "tokens", "gates", "config": {n_tokens, start_layer,
 per_layer, dim, n_layers, n_heads, and plain metadata: base, template, mode, ...}}.
@@ -20,7 +20,7 @@ from model import ModelArgs
 from support.errors import UserError
 from support.inputs import load_weights
 from support.official import read_official_aligner
-from support.outputs import atomic_save
+from support.temporary import atomic_save
 
 FORMAT = "aligner-v1"
 SHAPE_KEYS = ("n_tokens", "start_layer", "per_layer", "dim", "n_layers", "n_heads")
@@ -102,10 +102,42 @@ def from_tensors(tokens, gates, start_layer: int, per_layer: bool, meta: dict, w
     return aligner
 
 
-def read_checkpoint(path) -> dict:
-    """A checkpoint that `save` wrote, for --resume."""
+def read_checkpoint(path, given: dict):
+    """(checkpoint dict, its Aligner) of a file that train.py's `save` wrote, for --resume: its fields
+    checked like an adapter's, and each flag of `given` ({"--tokens": 1, ...}: what defines the
+    Aligner and its base) equal to what the checkpoint was trained with."""
     d = load_weights(path)
     if not isinstance(d.get("aligner"), dict) or "optimizer" not in d or "step" not in d:
         raise UserError(f"{path} is an adapter but not a training checkpoint of train.py, so it "
                         f"cannot be resumed; start a new run from it with --init {path}")
-    return d
+    aligner = from_dict(d["aligner"], path)
+    if type(d["step"]) is not int or d["step"] < 0:
+        raise UserError(f"{path}: its step {d['step']!r} is not a whole number >= 0; the file is damaged")
+    config = d["config"] if isinstance(d.get("config"), dict) else {}
+    trained = {"--tokens": aligner.n_tokens, "--start-layer": aligner.start_layer,
+               "--per-layer": aligner.per_layer, "--model": aligner.meta.get("base"),
+               "--raw": aligner.meta.get("template") == "raw", "--dpo": aligner.meta.get("mode") == "dpo",
+               "--quantize": aligner.meta.get("quantize", "none"), "--init": config.get("init")}
+    for flag, value in given.items():
+        if value != trained[flag]:
+            raise UserError(f"--resume: {flag} is {value!r} here, but {path} was trained with "
+                            f"{trained[flag]!r}: give the same value, or leave out --resume to start anew")
+    return d, aligner
+
+
+def restore_optimizer(optimizer, state, where):
+    """The optimizer's moments from a checkpoint, each checked against its parameter; the
+    hyperparameters stay the ones this run was given."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise UserError(f"{where}: its optimizer state does not fit this Aligner ({type(e).__name__}); "
+                        f"the file is damaged") from None
+    for group, fresh in zip(optimizer.param_groups, hyper):
+        group.update(fresh)
+        for p in group["params"]:
+            for name, t in optimizer.state.get(p, {}).items():
+                ok = isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape == p.shape)
+                if not ok or not torch.isfinite(t).all() or name == "step" and t.item() < 0:
+                    raise UserError(f"{where}: its optimizer state {name!r} is damaged")

@@ -21,20 +21,40 @@ from support.quantize import quantize_base
 
 
 def read_params(path) -> ModelArgs:
-    """params.json: every size a positive number of the right type, the heads dividing the width."""
+    """params.json, checked (`check_args`)."""
     known = {f.name for f in fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in read_json_object(path).items() if k in known})
+    return check_args(ModelArgs(**{k: v for k, v in read_json_object(path).items() if k in known}), path)
+
+
+def check_args(args: ModelArgs, where) -> ModelArgs:
+    """Every size a positive number of the right type (RoPE's theta and the norm's eps included), the
+    heads dividing the width and the query heads dividing among the key/value heads."""
     for f in fields(args):
         v = getattr(args, f.name)
         ok = type(v) is f.type or (f.type is float and type(v) is int)
         if ok and f.type in (int, float) and f.name != "wo_bias_from":
             ok = math.isfinite(v) and v > 0
         if not ok:
-            raise UserError(f"{path}: {f.name} is {v!r}, but it must be a positive {f.type.__name__}")
+            raise UserError(f"{where}: {f.name} is {v!r}, but it must be a positive {f.type.__name__}")
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
-        raise UserError(f"{path}: dim {args.dim}, n_heads {args.n_heads} and n_kv_heads "
+        raise UserError(f"{where}: dim {args.dim}, n_heads {args.n_heads} and n_kv_heads "
                         f"{args.n_kv_heads} do not divide into even heads")
     return args
+
+
+@torch.no_grad()
+def check_runs(args: ModelArgs, state: dict, where):
+    """The model these tensors make runs one forward pass over two tokens to finite logits."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    dtype = state["tok_embeddings.weight"].dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    logits = model(torch.tensor([[0, args.vocab_size - 1]]))  # (1, 2, vocab)
+    if not torch.isfinite(logits).all():
+        raise UserError(f"{where}: the converted model gives NaN or infinite logits; its weights or "
+                        f"config are damaged")
 
 
 def require_sizes(d: dict, keys, where):

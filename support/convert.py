@@ -11,14 +11,16 @@ import json
 import sys
 from pathlib import Path
 
-from support.checkpoint import check_shapes, write_dir
+from support.checkpoint import check_args, check_runs, check_shapes, write_dir
 from support.default_model import DEFAULT_MODEL, DEFAULT_MODEL_DIR, fetch_smollm2
 from support.errors import UserError
 from support.flags import DTYPES
 from support.gguf_file import from_gguf
 from support.hf import from_hf
 from support.meta import from_meta
-from support.outputs import new_directory
+from support.inputs import read_json_object
+from support.outputs import check_output_dir
+from support.temporary import new_directory
 
 
 def detect(source: str):
@@ -45,25 +47,42 @@ def detect(source: str):
 
 
 def convert(source: str, out_dir, dtype: str = None, force=False) -> Path:
-    """SOURCE (see `detect`) converted into the directory OUT_DIR, put in place only when complete."""
+    """SOURCE (see `detect`) converted into the directory OUT_DIR. The config is checked before
+    anything is written, and the directory is put in place only once it is complete, its
+    tokenizer's ids lie inside the vocabulary and the model runs a forward pass."""
     out = Path(out_dir)
-    with new_directory(out, force, sources=[source] if source != DEFAULT_MODEL else []) as tmp:
-        converter, path = detect(source)
-        try:
-            args, state, write_tokenizer = converter(path)
-        except (KeyError, IndexError, RuntimeError, ValueError) as e:  # what the checks above did not foresee
-            raise UserError(f"{path}: the checkpoint's tensors do not fit together ({type(e).__name__}: "
-                            f"{str(e)[:100]})") from None
-        check_shapes(args, {k: v.shape for k, v in state.items()}, str(path))
-        if dtype:
-            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    check_output_dir(out, [source] if source != DEFAULT_MODEL else [], force)  # before any work
+    converter, path = detect(source)
+    try:
+        args, state, write_tokenizer = converter(path)
+    except (KeyError, IndexError, RuntimeError, ValueError) as e:  # what the checks above did not foresee
+        raise UserError(f"{path}: the checkpoint's tensors do not fit together ({type(e).__name__}: "
+                        f"{str(e)[:100]})") from None
+    check_args(args, path)
+    check_shapes(args, {k: v.shape for k, v in state.items()}, str(path))
+    if dtype:
+        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    with new_directory(out, source) as tmp:
         write_dir(args, state, tmp)
         write_tokenizer(tmp)
+        check_token_ids(tmp, args.vocab_size, path)
+        check_runs(args, state, path)
         (tmp / "source.json").write_text(json.dumps({"source": str(source)}) + "\n")
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out}: {n / 1e6:.1f}M parameters, dim {args.dim}, {args.n_layers} layers, "
           f"{args.n_heads} heads ({args.n_kv_heads} key/value), vocab {args.vocab_size}")
     return out
+
+
+def check_token_ids(folder: Path, vocab_size: int, where):
+    """The BOS and EOS ids of the tokenizer written to `folder` are inside the vocabulary."""
+    config = folder / "tokenizer_config.json"
+    ids = read_json_object(config) if config.is_file() else {}
+    for name in ("bos_id", "eos_id"):
+        value = ids.get(name)
+        if value is not None and not (type(value) is int and 0 <= value < vocab_size):
+            raise UserError(f"{where}: the tokenizer's {name[:3]} token id {value!r} is outside the "
+                            f"vocabulary of {vocab_size}")
 
 
 def model_dir(path=None) -> Path:

@@ -1,10 +1,15 @@
-"""Bad input as one line: the error type every file raises, and how every command reports it.
+"""Bad input as one line, and stopping cleanly: the error type every file raises, and how every
+command reports it and handles SIGTERM.
 
     from support.errors import UserError, run_main
     run_main(fn, *args)   # fn's UserError or OSError -> "error: ..." on stderr, exit 2
 
+SIGTERM (what `kill`, cluster schedulers and `docker stop` send) is raised as `Terminated`, a kind of
+KeyboardInterrupt, so every `with` block and `finally` cleans up as for Ctrl-C; the exit code is
+then 143 (Ctrl-C: 130). train.py's loop catches both at a step boundary and saves first.
 Not run on its own. Read next: flags.py.
 """
+import signal
 import sys
 
 
@@ -12,15 +17,28 @@ class UserError(Exception):
     """Bad input from the user (a file, a flag): the commands print it as one line, exit 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds and cleans up as for Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_main(fn, *args):
     """Call fn(*args) the way every command's main() does: a UserError or a failed read or write is
-    one line on stderr and exit code 2, Ctrl-C is exit code 130; no traceback for any of them."""
+    one line on stderr and exit code 2, Ctrl-C exit code 130, SIGTERM 143; no traceback for any."""
+    signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file size limit: an OSError (EFBIG), not a kill
     try:
         return fn(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-    except OSError as e:  # permission denied, read-only file system, disk full, ...
+    except OSError as e:  # permission denied, read-only file system, disk full, file too large, ...
         print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)

@@ -99,8 +99,9 @@ def hf_state(args: ModelArgs, state: dict, bos_id=None, eos_id=None):
 def read_hf_config(src: Path) -> dict:
     """config.json of a Hugging Face LLaMA, refused where model.py would compute something else."""
     cfg = read_json_object(src / "config.json")
-    require_sizes(cfg, ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
-                        "intermediate_size"), src / "config.json")
+    sizes = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
+    require_sizes(cfg, sizes + ("num_key_value_heads",) * (cfg.get("num_key_value_heads") is not None),
+                  src / "config.json")
     if cfg.get("model_type", "llama") not in ("llama", "mistral"):
         raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r} is not a LLaMA")
     rope = cfg.get("rope_parameters") or {}  # transformers 5.x; 4.x keeps rope_theta at the top
@@ -108,17 +109,44 @@ def read_hf_config(src: Path) -> dict:
         raise UserError(f"{src}/config.json: RoPE scaling is not supported by model.py")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError(f"{src}/config.json: attention/MLP biases are not part of LLaMA")
+    check_heads_and_activation(cfg, src / "config.json")
+    thetas = [v for v in (cfg.get("rope_theta"), rope.get("rope_theta")) if v is not None]
+    cfg["rope_theta"] = thetas[0] if thetas else 1e4
+    cfg["context"] = context(cfg, src / "config.json")
+    return cfg
+
+
+def check_heads_and_activation(cfg: dict, where):
+    """The heads divide the width and the key/value heads, and the feed-forward is LLaMA's SiLU."""
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
-        raise UserError(f"{src}/config.json: head_dim {cfg['head_dim']} != hidden_size / heads")
-    cfg["rope_theta"] = cfg.get("rope_theta") or rope.get("rope_theta") or 1e4
-    return cfg
+        raise UserError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / heads")
+    if n_heads % (cfg.get("num_key_value_heads") or n_heads) or dim % n_heads:
+        raise UserError(f"{where}: {dim} wide, {n_heads} heads and {cfg.get('num_key_value_heads')} "
+                        f"key/value heads do not divide into even heads")
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r} is not LLaMA's SiLU")
+
+
+def context(cfg: dict, where) -> int:
+    """The context model.py computes exactly: max_position_embeddings, or a shorter sliding window
+    (Mistral), beyond which the checkpoint attends to fewer positions than model.py does."""
+    n, window = cfg.get("max_position_embeddings", 4096), cfg.get("sliding_window")
+    if window is None or cfg.get("use_sliding_window") is False:
+        return n
+    if type(window) is not int or window < 1:
+        raise UserError(f"{where}: sliding_window {window!r} is not a positive whole number")
+    if type(n) is int and window < n:
+        print(f"note: {where}: sliding window {window} < context {n}: the converted model's context is "
+              f"{window}, where full attention (model.py) equals the window's")
+        return window
+    return n
 
 
 def from_hf(src: Path):
     cfg = read_hf_config(src)
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or n_heads
+    n_kv = n_heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"]
     state = {}
     for name, tensor in _hf_tensors(src).items():
         if name.endswith("rotary_emb.inv_freq"):
@@ -133,7 +161,7 @@ def from_hf(src: Path):
     args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
                      vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
                      norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg["rope_theta"],
-                     max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=tie)
+                     max_seq_len=cfg["context"], tie_embeddings=tie)
     eos = cfg.get("eos_token_id")
     bos, eos = cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos
 

@@ -95,6 +95,8 @@ def text_lines(path) -> list:
 
 def stdin_lines():
     """The lines of standard input, one prompt each; a line that is not UTF-8 is refused."""
+    if sys.stdin is None:
+        raise UserError("standard input is closed and no --prompt or --data was given: nothing to answer")
     for n, line in enumerate(sys.stdin.buffer, 1):
         try:
             yield line.decode("utf-8").rstrip("\r\n")

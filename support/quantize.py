@@ -39,6 +39,9 @@ def quantize_base(model, mode: str):
         except ImportError:
             from torchao.dtypes import to_nf4
 
+        if any(linear.weight.numel() % 64 for linear in linears):
+            raise UserError("--quantize nf4 quantizes in blocks of 64 numbers, and a layer of this model has "
+                            "a weight whose size is not a multiple of 64: use --quantize int8")
         for linear in linears:
             n_blocks = linear.weight.numel() // 64
             scaler_block = math.gcd(n_blocks, 256)  # scales are themselves quantized in blocks of this many

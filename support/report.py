@@ -11,7 +11,7 @@ Read next: ../tests/ (what each part is checked against).
 import torch.nn.functional as F
 
 from support.errors import UserError
-from support.outputs import atomic_write
+from support.temporary import atomic_write
 
 
 def describe(a, path) -> str:

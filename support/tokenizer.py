@@ -1,7 +1,7 @@
 """The tokenizer of a converted model directory: text <-> ids with sentencepiece (tokenizer.model)
 or the `tokenizers` library (tokenizer.json), and the BOS/EOS ids from tokenizer_config.json.
 
-    tok = Tokenizer("checkpoints/smollm2-135m-instruct")
+    tok = Tokenizer("checkpoints/smollm2-135m-instruct", vocab_size=49152)  # ids checked against it
     ids = tok.encode("Hello", bos=None, eos=False); text = tok.decode(ids)
 
 Not run on its own. Read next: quantize.py.
@@ -16,8 +16,8 @@ class Tokenizer:
     """encode/decode for a converted model directory: sentencepiece (tokenizer.model) or the
     `tokenizers` library (tokenizer.json), plus tokenizer_config.json with bos_id, eos_id, add_bos."""
 
-    def __init__(self, path):
-        path = Path(path)
+    def __init__(self, path, vocab_size=None):
+        path, self.vocab_size = Path(path), vocab_size
         config = path / "tokenizer_config.json"
         if not config.is_file():
             raise UserError(f"{config} not found: this model directory has no tokenizer; convert "
@@ -27,6 +27,9 @@ class Tokenizer:
         if not all(i is None or type(i) is int and i >= 0 for i in (self.bos_id, self.eos_id)) or \
                 type(self.add_bos) is not bool:
             raise UserError(f"{config}: bos_id and eos_id must be token ids (or null), add_bos true or false")
+        if vocab_size and any(i is not None and i >= vocab_size for i in (self.bos_id, self.eos_id)):
+            raise UserError(f"{config}: bos_id {self.bos_id} or eos_id {self.eos_id} is outside the model's "
+                            f"vocabulary of {vocab_size}; convert the checkpoint again")
         try:
             self._encode, self._decode = self.backend(path)
         except Exception as e:  # both libraries raise plain exceptions on a damaged file
@@ -51,7 +54,11 @@ class Tokenizer:
 
     def encode(self, text: str, bos=None, eos=False) -> list:
         bos = self.add_bos if bos is None else bos
-        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+        ids = [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+        if self.vocab_size and ids and max(ids) >= self.vocab_size:
+            raise UserError(f"the tokenizer gives token id {max(ids)}, outside the model's vocabulary of "
+                            f"{self.vocab_size}: this tokenizer does not belong to this model")
+        return ids
 
     def decode(self, ids) -> str:
         return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFICIAL, ROOT, make_hf_model
+from conftest import OFFICIAL, ROOT, make_hf_model, make_tokenizer_json
 from test_model import nonzero_aligner
 from test_train_generate import RECORDS
 
@@ -28,8 +28,9 @@ import train
 from adapter import merge
 from support.adapter_file import from_state, load_aligner, save_aligner, to_dict
 from support.errors import UserError
-from support.outputs import atomic_write
+from support.temporary import atomic_write
 from support.checkpoint import load_model
+from support.convert import convert
 from data import load_examples
 from support.tokenizer import Tokenizer
 from dpo import load_pairs
@@ -78,6 +79,44 @@ def make_sandbox(box: Path, tiny_dir: Path):
     merge(box / "adapter.pt", bad / "merged")
     make_bad_models(box, bad)
     make_bad_sources(bad)
+    make_hostile_paths(box, bad)
+    make_checkpoints(good, bad)
+
+
+def make_hostile_paths(box: Path, bad: Path):
+    """What a path can be besides a new file: FIFOs, links to inputs and notes, files whose names a
+    glob would match, a copy of a downloaded checkpoint (config.json and notes)."""
+    os.mkfifo(bad / "fifo")
+    os.mkfifo(bad / "fifo_m.metrics.jsonl")
+    (bad / "link_to_data").symlink_to(box / "data.json")
+    (bad / "linked.metrics.jsonl").symlink_to(box / "marker.txt")
+    (box / "work" / ".notes.tmp").write_text("the user's hidden notes")
+    (box / "work" / ".*.3f2a.tmp").write_text("a name a careless glob would match")
+    shutil.copytree(bad / "hf", bad / "downloaded")
+    (bad / "downloaded" / "notes.txt").write_text("the user's notes beside a downloaded checkpoint")
+    cfg = json.loads((bad / "hf" / "config.json").read_text())
+    for name, change in (("hf_negative_theta", {"rope_theta": -10000.0}), ("hf_eps_zero", {"rms_norm_eps": 0}),
+                         ("hf_kv_heads_3", {"num_key_value_heads": 3}), ("hf_gelu", {"hidden_act": "gelu"}),
+                         ("hf_bos_outside", {"bos_token_id": 10**6})):
+        shutil.copytree(bad / "hf", bad / name)
+        (bad / name / "config.json").write_text(json.dumps({**cfg, **change}))
+    make_tokenizer_json(bad / "hf_bos_outside")
+    src = bad / "odd_width_hf"
+    make_hf_model(dim=40).save_pretrained(src)  # feed-forward 40 x 60: not a multiple of NF4's 64
+    make_tokenizer_json(src)
+    convert(str(src), bad / "odd_width")
+
+
+def make_checkpoints(good, bad: Path):
+    """A training checkpoint of the good adapter (one real AdamW step), and damaged copies of it."""
+    optimizer = torch.optim.AdamW(good.parameters())
+    (good.tokens.sum() + good.gates.sum()).backward()
+    optimizer.step()
+    d = {"aligner": to_dict(good), "optimizer": optimizer.state_dict(), "step": 1, "config": {"init": None}}
+    torch.save(d, bad / "ckpt.pt")
+    torch.save({**d, "step": -5}, bad / "ckpt_negative_step.pt")
+    state = {k: {**v, "exp_avg": torch.zeros(7)} for k, v in d["optimizer"]["state"].items()}
+    torch.save({**d, "optimizer": {**d["optimizer"], "state": state}}, bad / "ckpt_bad_optimizer.pt")
 
 
 def broken_model(bad: Path, box: Path, name: str, file: str, text):
@@ -95,6 +134,8 @@ def make_bad_models(box: Path, bad: Path):
     broken_model(bad, box, "params_invalid", "params.json", "{dim: 64")
     broken_model(bad, box, "tok_config_invalid", "tokenizer_config.json", "{oops")
     broken_model(bad, box, "tok_config_types", "tokenizer_config.json", '{"bos_id": "1", "eos_id": 2, "add_bos": true}')
+    broken_model(bad, box, "tok_ids_outside", "tokenizer_config.json",
+                 '{"bos_id": 99999, "eos_id": 2, "add_bos": true}')
     broken_model(bad, box, "tokenizer_garbage", "tokenizer.json", "not a tokenizer")
     broken_model(bad, box, "sentencepiece_garbage", "tokenizer.model", b"\x00\x01 not a sentencepiece model")
     (bad / "sentencepiece_garbage" / "tokenizer.json").unlink()
@@ -218,7 +259,7 @@ CASES = [
      False),
     ("merge over the base", "adapter.py", ["merge", "--adapter", "A", "--out", "M", "--force"], "input", False),
     ("merge over a foreign directory", "adapter.py", ["merge", "--adapter", "A", "--out", "X/existing_dir",
-                                                      "--force"], "not a model directory", False),
+                                                      "--force"], "not written by this project", False),
     ("merge over a file", "adapter.py", ["merge", "--adapter", "A", "--out", "D"], "is a file", False),
     ("merge a NaN adapter", "adapter.py", ["merge", "--adapter", "X/nan.pt", "--out", "B/m"], "NaN", False),
     ("merge, no base recorded", "adapter.py", ["merge", "--adapter", "X/no_base.pt", "--out", "B/m"],
@@ -230,7 +271,7 @@ CASES = [
     ("convert into ..", "convert_weights.py", ["X/hf", "..", "--force"], "current directory", False),
     ("convert onto its source", "convert_weights.py", ["X/hf", "X/hf", "--force"], "input", False),
     ("convert over a foreign directory", "convert_weights.py", ["X/hf", "X/existing_dir", "--force"],
-     "not a model directory", False),
+     "not written by this project", False),
     ("convert over a file", "convert_weights.py", ["X/hf", "D"], "is a file", False),
     ("HF config invalid", "convert_weights.py", ["X/hf_invalid", "B/c"], "not valid JSON", False),
     ("HF config without hidden_size", "convert_weights.py", ["X/hf_no_hidden_size", "B/c"], "hidden_size", False),
@@ -239,6 +280,64 @@ CASES = [
     ("Meta params a list", "convert_weights.py", ["X/meta_list", "B/c"], "JSON object", False),
     ("Meta params without dim", "convert_weights.py", ["X/meta_no_dim", "B/c"], "dim", False),
     ("GGUF without metadata", "convert_weights.py", ["X/bare.gguf", "B/c"], "embedding_length", False),
+    # outputs: what a path really is, implicit inputs included
+    ("answers over the adapter's base weights", "generate.py", GEN[2:] + ["--adapter", "A", "--data", "D", "--out",
+                                                                          "M/model.safetensors"], "would overwrite",
+     False),
+    ("answers over the base's tokenizer", "generate.py", GEN[2:] + ["--adapter", "A", "--data", "D", "--out",
+                                                                    "M/tokenizer.json"], "would overwrite", False),
+    ("out is /dev/null", "train.py", TRAIN[:4] + ["--out", "/dev/null"] + TRAIN[6:], "character device", False),
+    ("answers to /dev/null", "generate.py", GEN + ["--data", "D", "--out", "/dev/null"], "not a regular file",
+     False),
+    ("out ends in a slash", "train.py", TRAIN[:4] + ["--out", "B/newdir/"] + TRAIN[6:], "names a directory", False),
+    ("out is a FIFO", "train.py", TRAIN[:4] + ["--out", "X/fifo"] + TRAIN[6:], "FIFO", False),
+    ("metrics file is a FIFO", "train.py", TRAIN[:4] + ["--out", "X/fifo_m.pt"] + TRAIN[6:], "FIFO", False),
+    ("out links to the data", "train.py", TRAIN[:4] + ["--out", "X/link_to_data"] + TRAIN[6:], "symbolic link",
+     False),
+    ("metrics file links to notes", "train.py", TRAIN[:4] + ["--out", "X/linked.pt"] + TRAIN[6:], "symbolic link",
+     False),
+    ("out is a glob, data missing", "train.py", ["--model", "M", "--data", "B/missing.json", "--out", "*",
+                                                 *TRAIN[6:]], "not found", False),
+    ("plot to /dev/null", "adapter.py", ["inspect", "A", "--plot", "/dev/null"], "not a regular file", False),
+    ("plot over the base weights", "adapter.py", ["inspect", "A", "--plot", "M/model.safetensors"],
+     "would overwrite", False),
+    ("merge --force over a downloaded checkpoint", "adapter.py", ["merge", "--adapter", "A", "--out",
+                                                                  "X/downloaded", "--force"],
+     "not written by this project", False),
+    ("convert --force over a downloaded checkpoint", "convert_weights.py", ["X/hf", "X/downloaded", "--force"],
+     "not written by this project", False),
+    ("experiment out is a file", "experiments/form_vs_knowledge.py", ["--quick", "--out", "D"], "must be a folder",
+     False),
+    # converted configs
+    ("HF rope_theta negative", "convert_weights.py", ["X/hf_negative_theta", "B/c"], "rope_theta is -10000", False),
+    ("HF rms_norm_eps 0", "convert_weights.py", ["X/hf_eps_zero", "B/c"], "norm_eps is 0", False),
+    ("HF heads do not divide", "convert_weights.py", ["X/hf_kv_heads_3", "B/c"], "do not divide", False),
+    ("HF activation not SiLU", "convert_weights.py", ["X/hf_gelu", "B/c"], "hidden_act", False),
+    ("HF bos id outside the vocabulary", "convert_weights.py", ["X/hf_bos_outside", "B/c"], "outside the vocab",
+     False),
+    # resume means the same run; checkpoint fields checked
+    ("resume with other --tokens", "train.py", TRAIN[:4] + ["--out", "X/ckpt.pt", "--resume", "--tokens", "3"]
+     + TRAIN[6:], "--tokens is 3 here", False),
+    ("resume on another base", "train.py", ["--model", "X/odd_width", *TRAIN[2:4], "--out", "X/ckpt.pt", "--resume",
+                                            *TRAIN[6:]], "--model", False),
+    ("resume a negative step", "train.py", TRAIN[:4] + ["--out", "X/ckpt_negative_step.pt", "--resume"]
+     + TRAIN[6:], "step -5", False),
+    ("resume a damaged optimizer", "train.py", TRAIN[:4] + ["--out", "X/ckpt_bad_optimizer.pt", "--resume"]
+     + TRAIN[6:], "optimizer state", False),
+    # edges
+    ("tokenizer ids outside the vocabulary", "generate.py", ["--model", "X/tok_ids_outside"] + GEN[2:],
+     "outside the model's vocabulary", False),
+    ("nf4 on a width not a multiple of 64", "generate.py", ["--model", "X/odd_width"] + GEN[2:] + ["--quantize",
+                                                                                                 "nf4"],
+     "multiple of 64", False),
+    ("bench tokens 0", "bench.py", ["--tokens", "0"], "--tokens", True),
+    ("bench device unknown", "bench.py", ["--device", "xyz"], "--device", True),
+    ("bench sequence past the context", "bench.py", ["--seq", "100000", "--no-peer"], "must fit", False),
+    ("bench prompt leaves no label", "bench.py", ["--prompt", "0.99", "--seq", "8", "--no-peer"], "no labelled",
+     False),
+    ("demo seconds negative", "demo.py", ["--seconds", "-1"], "--seconds", True),
+    ("demo limit 0", "demo.py", ["--limit", "0"], "--limit", True),
+    ("demo tokens nan", "demo.py", ["--tokens", "nan"], "--tokens", True),
 ]
 
 
@@ -246,7 +345,8 @@ def expand(arg: str, box: Path) -> str:
     names = {"M": box / "model", "D": box / "data.json", "B": box, "X": box / "bad", "A": box / "adapter.pt",
              "OFFICIAL": OFFICIAL_7B}
     head, _, tail = arg.partition("/")
-    return str(names[head] / tail if tail else names[head]) if head in names else arg
+    slash = "/" if arg.endswith("/") else ""  # kept: a trailing slash says "a directory"
+    return str(names[head] / tail if tail else names[head]) + slash if head in names else arg
 
 
 def run_case(case, box: Path):
@@ -331,12 +431,15 @@ def test_divergence_keeps_the_last_good_checkpoint(tiny, tmp_path):
 def test_stale_temporary_files_are_removed(tiny, tmp_path):
     _, path = tiny
     (tmp_path / "d.json").write_text(json.dumps(RECORDS))
-    stale = tmp_path / ".a.pt.x1y2.tmp"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".a.pt.{dead.stdout.strip()}.{'0f' * 8}.aligner-tmp"  # a run killed while saving
     stale.write_bytes(b"left by a run killed while saving")
+    users = tmp_path / ".a.pt.x1y2.tmp"  # the user's own file, whatever it looks like
+    users.write_bytes(b"mine")
     train.main(["--model", str(path), "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "a.pt"),
                 "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--eval-every", "0",
                 "--quiet", "--device", "cpu"])
-    assert not stale.exists() and (tmp_path / "a.pt").is_file()
+    assert not stale.exists() and (tmp_path / "a.pt").is_file() and users.read_bytes() == b"mine"
 
 
 def test_ctrl_c_while_the_model_loads_is_exit_130(tiny, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """experiments/form_vs_knowledge.py --quick runs end to end on the real embedded model, and a run killed
-mid-write resumes: the cut line is dropped and only the missing cell is redone; cells of another
-knowledge task are not taken as done (smoke test)."""
+mid-write resumes: the cut line is dropped and only the missing cell is redone; a run of another
+knowledge task, or a smoke run over the committed results, is refused before it writes anything."""
 import json
 import subprocess
 import sys
@@ -35,4 +35,14 @@ def test_claims_quick_and_resume(smollm2_dir, tmp_path):
     assert "14 cells, 13 already in" in run_quick(tmp_path)
     again = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
     assert [r["score"] for r in again[:13]] == [r["score"] for r in rows[:13]] and len(again) == 14
-    assert "14 cells, 8 already in" in run_quick(tmp_path, "--people", "8")  # another knowledge task: redone
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    r = subprocess.run([sys.executable, "experiments/form_vs_knowledge.py", "--quick", "--out", str(tmp_path),
+                        "--people", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "another budget or task" in r.stderr and "Traceback" not in r.stderr
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # nothing of the first run touched
+    committed = ROOT / "experiments" / "results"
+    before = {f.name: f.read_bytes() for f in committed.iterdir()}
+    r = subprocess.run([sys.executable, "experiments/form_vs_knowledge.py", "--quick", "--out",
+                        str(committed)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "another budget or task" in r.stderr
+    assert {f.name: f.read_bytes() for f in committed.iterdir()} == before

@@ -132,21 +132,47 @@ def test_per_layer_and_more_tokens(tiny, data, tmp_path):
     assert a.per_layer and a.tokens.shape == (2, 3, 64) and a.n_params() == 2 * 3 * 64 + 2 * 4
 
 
-def test_ctrl_c_saves_and_exits_cleanly(tiny, data, tmp_path):
-    _, path = tiny
-    out = tmp_path / "c.pt"
+def wait_for_steps(folder, metrics_name, n, seconds=60):
+    """Until the run's staged metrics (its own temporary, put in place only at a save) hold n lines."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        for staged in (p for p in folder.iterdir() if p.name.startswith(f".{metrics_name}.")):
+            try:
+                if staged.read_text().count("\n") >= n:
+                    return
+            except FileNotFoundError:
+                pass
+        time.sleep(0.2)
+
+
+def stop_a_long_run(path, data, out, signum, steps: int):
+    """Start a training that would run for ever, send `signum` once it has done `steps` steps;
+    (exit code, stdout, stderr)."""
     proc = subprocess.Popen([sys.executable, "train.py", *train_args(path, data, out, "--max-steps", "100000",
                                                                      "--eval-every", "0", "--save-every", "0")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "c.metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    wait_for_steps(out.parent, out.with_suffix(".metrics.jsonl").name, steps)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    return proc.returncode, stdout, stderr
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tiny, data, tmp_path):
+    code, stdout, stderr = stop_a_long_run(tiny[1], data, tmp_path / "c.pt", signal.SIGINT, 2)
+    assert code == 130 and "Traceback" not in stderr, stderr
     assert "interrupted: saved" in stdout
-    assert torch.load(out, weights_only=True)["step"] >= 2
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] >= 2
+
+
+def test_sigterm_saves_like_ctrl_c_and_leaves_no_temporary(tiny, data, tmp_path):
+    """SIGTERM (kill, docker stop, a scheduler): the step finishes, the checkpoint and its metrics are
+    saved, exit code 143, and no temporary file of the run is left beside them."""
+    code, stdout, stderr = stop_a_long_run(tiny[1], data, tmp_path / "t.pt", signal.SIGTERM, 3)
+    assert code == 143 and "Traceback" not in stderr, stderr
+    assert "terminated: saved" in stdout
+    step = torch.load(tmp_path / "t.pt", weights_only=True)["step"]
+    assert step >= 3 and len(losses(tmp_path / "t.metrics.jsonl")) == step
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 def test_generate_from_adapter_alone_stdin_compare_and_no_adapter(tiny, data, tmp_path):

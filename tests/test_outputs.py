@@ -1,0 +1,290 @@
+"""Nothing lost, by design: the output gate, temporaries that belong to their run, --force over
+this project's directories only, metrics that move with their adapter, SIGTERM, resume that means
+the same run, converted configs checked before the directory is put in place.
+
+Property tests (hypothesis) throw output paths and config.json values at the mechanisms; the rest
+run real commands as subprocesses and then look at every file."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, make_hf_model, make_tokenizer_json
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_train_generate import RECORDS, losses, train_args, wait_for_steps
+
+import train
+from support.checkpoint import load_model
+from support.convert import convert
+from support.errors import UserError
+from support.outputs import check_output_dir, check_output_file
+from support.temporary import MARKER, SUFFIX, StagedLines, atomic_write, new_directory, remove_leftovers
+
+
+def files(folder: Path) -> dict:
+    """Every entry under `folder` (links not followed): its bytes, or what it is."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        out[str(p.relative_to(folder))] = p.read_bytes() if p.is_file() and not p.is_symlink() else \
+            ("link", os.readlink(p)) if p.is_symlink() else stat.S_IFMT(p.lstat().st_mode)
+    return out
+
+
+# ---- the output gate, over many paths ---------------------------------------------------------------
+NAMES = st.text(alphabet="ab*?[]{}.-_ ~", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
+
+
+@pytest.fixture
+def room(tmp_path):
+    """A user's folder: inputs, notes (hidden ones too), a FIFO, a subfolder, and links to each."""
+    (tmp_path / "data.json").write_text("[]")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".notes.tmp").write_text("hidden, mine")
+    (tmp_path / f".x.1.{'0' * 16}.tmp").write_text("looks like a temporary, but mine")
+    (tmp_path / "sub").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for target in ("data.json", "model/model.safetensors", "notes.txt", "sub", "fifo", "nowhere"):
+        (tmp_path / f"link-{target.replace('/', '-')}").symlink_to(tmp_path / target)
+    return tmp_path
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.one_of(NAMES, st.sampled_from(["data.json", "model/model.safetensors", "fifo", "sub", "sub/",
+                                              "new/", "model", "/dev/null", "link-data.json", "link-fifo",
+                                              "link-sub", "link-nowhere", "link-notes.txt", "*", ".*",
+                                              "link-model-model.safetensors", "notes.txt/x"])))
+def test_an_output_is_written_only_where_it_costs_nothing(room, name):
+    """Either the gate refuses with a UserError, or the write changes that one regular file (new or
+    a non-input) and nothing else; no path through a link, no device, FIFO or directory."""
+    before = files(room)
+    out = name if name.startswith("/") else str(room / name) + ("/" if name.endswith("/") else "")
+    try:
+        check_output_file(out, [room / "data.json"], [room / "model"])
+    except UserError:
+        assert files(room) == before
+        return
+    path = Path(out)
+    assert not path.is_symlink() and (not path.exists() or path.is_file()) and not out.endswith("/")
+    assert path.resolve().parent != (room / "model").resolve() or not path.exists()
+    atomic_write(path, lambda f: f.write(b"written"))
+    after = files(room)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed <= {str(path.relative_to(room))} and path.read_bytes() == b"written"
+
+
+def test_force_replaces_only_what_this_project_wrote(tmp_path):
+    hf = tmp_path / "downloaded"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not written by this project"):
+        check_output_dir(hf, force=True)
+    with new_directory(tmp_path / "ours", "test") as tmp:
+        (tmp / "params.json").write_text("{}")
+    assert (tmp_path / "ours" / MARKER).is_file()
+    check_output_dir(tmp_path / "ours", force=True)  # ours: allowed
+    assert (hf / "notes.txt").read_text() == "mine"
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with new_directory(tmp_path / "d", "test") as tmp:
+            (tmp / "w.bin").write_bytes(b"x")
+            os.chmod(tmp / "w.bin", 0o600)  # as safetensors writes it
+        atomic_write(tmp_path / "f.txt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d" / "w.bin").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o640
+
+
+# ---- temporaries that belong to their run ------------------------------------------------------------
+def test_a_live_runs_temporary_is_kept_and_a_dead_runs_removed(tmp_path):
+    target = tmp_path / "out.pt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".out.pt.{dead.stdout.strip()}.{'ab' * 8}{SUFFIX}"
+    leftover.write_text("a run killed outright left this")
+    mine = tmp_path / f".out.pt.{os.getpid()}.{'cd' * 8}{SUFFIX}"  # a live process: kept, lock or not
+    mine.write_text("alive")
+    with StagedLines(tmp_path / "out.metrics.jsonl", keep=False) as staged:
+        staged.write({"step": 1})
+        live = [p for p in tmp_path.iterdir() if p.name.startswith(".out.metrics.jsonl.")]
+        remove_leftovers(tmp_path / "out.metrics.jsonl")
+        remove_leftovers(target)
+        assert all(p.exists() for p in live) and mine.exists() and not leftover.exists()
+    assert not any(p.exists() for p in live)
+
+
+def test_staged_metrics_move_only_with_a_save(tmp_path):
+    path = tmp_path / "a.metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n')
+    with pytest.raises(RuntimeError):
+        with StagedLines(path, keep=False) as m:
+            m.write({"step": 1, "loss": 9.0})
+            raise RuntimeError("the run died before its first save")
+    assert path.read_text() == '{"step": 1, "loss": 2.5}\n'
+    with StagedLines(path, keep=True) as m:
+        m.write({"step": 2, "loss": 2.0})
+        m.publish()
+    assert losses(path) == [2.5, 2.0]
+
+
+def test_two_runs_on_one_out_one_failing_early(tiny, tmp_path):
+    """The second run (its data missing) fails at once; the first, already training, still saves."""
+    _, path = tiny
+    (tmp_path / "data.json").write_text(json.dumps(RECORDS))
+    out = tmp_path / "same.pt"
+    first = subprocess.Popen([sys.executable, "train.py", *train_args(path, tmp_path / "data.json", out,
+                                                                      "--max-steps", "8", "--eval-every", "0")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(tmp_path, "same.metrics.jsonl", 1)
+    second = subprocess.run([sys.executable, "train.py", *train_args(path, tmp_path / "missing.json", out)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert second.returncode == 2 and "not found" in second.stderr
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert torch.load(out, weights_only=True)["step"] == 8 and len(losses(tmp_path / "same.metrics.jsonl")) == 8
+
+
+# ---- resume means the same run ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume")
+    (folder / "data.json").write_text(json.dumps(RECORDS))
+    train.main(train_args(tiny[1], folder / "data.json", folder / "c.pt", "--max-steps", "2", "--tokens", "2"))
+    (folder / "i.pt").write_bytes((folder / "c.pt").read_bytes())  # an adapter to name with --init
+    return folder
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--tokens", "5"], "--tokens is 5 here, but"), (["--per-layer", "--tokens", "2"], "--per-layer"),
+    (["--start-layer", "3", "--tokens", "2"], "--start-layer"), (["--tokens", "2", "--raw"], "--raw"),
+    (["--tokens", "2", "--init", "i.pt"], "--init")])
+def test_resume_refuses_flags_that_define_another_run(tiny, checkpoint, flags, words):
+    flags = [str(checkpoint / f) if f.endswith(".pt") else f for f in flags]
+    before = files(checkpoint)
+    r = subprocess.run([sys.executable, "train.py", *train_args(tiny[1], checkpoint / "data.json",
+                                                                checkpoint / "c.pt", "--resume", *flags)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert files(checkpoint) == before
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: {**d, "step": -3}, "step -3"), (lambda d: {**d, "step": 2.5}, "step 2.5"),
+    (lambda d: {**d, "optimizer": {"state": {}, "param_groups": "x"}}, "optimizer state"),
+    (lambda d: {**d, "optimizer": {**d["optimizer"], "state": {0: {"exp_avg": torch.zeros(3)}}}}, "optimizer state"),
+    (lambda d: {**d, "optimizer": {**d["optimizer"], "state": {
+        k: {**v, "exp_avg_sq": torch.full_like(v["exp_avg_sq"], float("nan"))}
+        for k, v in d["optimizer"]["state"].items()}}}, "exp_avg_sq")])
+def test_a_damaged_checkpoint_is_one_line(tiny, checkpoint, tmp_path, damage, words):
+    d = torch.load(checkpoint / "c.pt", weights_only=True)
+    torch.save(damage(d), tmp_path / "c.pt")
+    r = subprocess.run([sys.executable, "train.py", *train_args(tiny[1], checkpoint / "data.json",
+                                                                tmp_path / "c.pt", "--resume", "--tokens", "2")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- converted configs, checked before the directory is put in place ---------------------------------
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory):
+    src = tmp_path_factory.mktemp("hf") / "src"
+    make_hf_model().save_pretrained(src)
+    make_tokenizer_json(src)
+    return src
+
+
+NAN = st.just(float("nan"))
+CONFIG_VALUES = {"rope_theta": st.one_of(st.just(10000.0), st.floats(-1e6, 1e6), NAN),
+                 "rms_norm_eps": st.one_of(st.just(1e-5), st.floats(-1.0, 1.0), NAN),
+                 "num_key_value_heads": st.one_of(st.just(2), st.integers(-2, 6), st.none()),
+                 "hidden_act": st.sampled_from(["silu", "gelu", "relu", "swish", 3]),
+                 "sliding_window": st.one_of(st.none(), st.integers(-1, 300), st.just("4")),
+                 "bos_token_id": st.one_of(st.just(1), st.integers(-1, 400), st.none()),
+                 "max_position_embeddings": st.one_of(st.just(256), st.integers(-1, 512))}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.fixed_dictionaries({}, optional=CONFIG_VALUES))
+def test_a_converted_directory_loads_and_runs_or_is_not_written(hf_source, tmp_path_factory, changes):
+    work = tmp_path_factory.mktemp("c")
+    src = work / "src"
+    os.symlink(hf_source, work / "orig")
+    src.mkdir()
+    for f in hf_source.iterdir():
+        (src / f.name).symlink_to(f)
+    (src / "config.json").unlink()
+    cfg = json.loads((hf_source / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **changes}))
+    try:
+        convert(str(src), work / "out")
+    except UserError:
+        assert sorted(p.name for p in work.iterdir()) == ["orig", "src"]  # nothing written, no leftover
+        return
+    model = load_model(work / "out")  # it loads, and runs to finite logits within its context
+    ids = torch.arange(min(8, model.args.max_seq_len))[None]  # (1, T)
+    assert torch.isfinite(model(ids)).all()
+    window = changes.get("sliding_window")
+    if isinstance(window, int) and window < cfg["max_position_embeddings"] and changes.get(
+            "max_position_embeddings", 256) > window:
+        assert model.args.max_seq_len == window
+
+
+def test_a_short_sliding_window_limits_the_context_exactly(tmp_path):
+    """A Mistral with a 4-token window equals full attention on its first 4 positions, and the
+    converted model's context is 4: transformers and ours agree there, and a longer prompt is refused."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        sliding_window=4, bos_token_id=1, eos_token_id=2)
+    m = MistralForCausalLM(cfg).eval()
+    m.save_pretrained(tmp_path / "src")
+    make_tokenizer_json(tmp_path / "src")
+    convert(str(tmp_path / "src"), tmp_path / "out")
+    ours = load_model(tmp_path / "out")
+    assert ours.args.max_seq_len == 4
+    ids = torch.tensor([[5, 9, 200, 17]])  # (1, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), m(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_sigterm_during_a_conversion_leaves_nothing(tmp_path):
+    """A checkpoint big enough to take a while; SIGTERM once its temporary directory exists: exit 143,
+    no output, no temporary left."""
+    make_hf_model(layers=24, dim=256).save_pretrained(tmp_path / "src")
+    make_tokenizer_json(tmp_path / "src")
+    proc = subprocess.Popen([sys.executable, "convert_weights.py", str(tmp_path / "src"), str(tmp_path / "out")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.endswith(SUFFIX) for p in tmp_path.iterdir()):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], stderr
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+
+
+# ---- edges of generation ------------------------------------------------------------------------------
+def test_closed_stdin_and_a_tiny_temperature(tiny, tmp_path):
+    _, path = tiny
+    r = subprocess.run(f"{sys.executable} generate.py --model {path} --device cpu <&-", shell=True, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: standard input is closed and no --prompt or --data was given: nothing to answer"], r.stderr
+    r = subprocess.run([sys.executable, "generate.py", "--model", str(path), "--device", "cpu", "--prompt", "Hi",
+                        "--temperature", "1e-30", "--max-new-tokens", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
