@@ -10,6 +10,9 @@ import pytest
 import torch
 from conftest import ROOT, make_hf_model, make_model_dir, official
 
+sys.path.insert(0, str(ROOT / "lessons"))
+from graders import gated  # noqa: E402
+
 from aligner import Aligner
 from support.adapter_file import from_state, load_aligner
 from support.errors import UserError
@@ -24,11 +27,8 @@ def tokens(n=2, t=17, vocab=320, seed=1):
 
 
 def nonzero_aligner(args, n_tokens, seed=3, per_layer=False):
-    torch.manual_seed(seed)
-    a = Aligner(args, n_tokens, per_layer=per_layer)
-    with torch.no_grad():
-        a.gates.normal_(0, 0.5)  # non-zero: zero gates would switch the Aligner off
-    return a
+    """An Aligner whose gates are non-zero (zero gates would switch it off): the lessons' own."""
+    return gated(args, n_tokens, seed, per_layer)
 
 
 @pytest.mark.parametrize("gqa,tied", [(True, False), (False, False), (True, True)])

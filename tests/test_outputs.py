@@ -141,20 +141,26 @@ def test_staged_metrics_move_only_with_a_save(tmp_path):
 
 
 def test_two_runs_on_one_out_one_failing_early(tiny, tmp_path):
-    """The second run (its data missing) fails at once; the first, already training, still saves."""
+    """While a training runs, a second run on the same --out (its data missing) fails at once; the
+    first, its staged metrics untouched, is then stopped with Ctrl-C and still saves."""
     _, path = tiny
     (tmp_path / "data.json").write_text(json.dumps(RECORDS))
     out = tmp_path / "same.pt"
     first = subprocess.Popen([sys.executable, "train.py", *train_args(path, tmp_path / "data.json", out,
-                                                                      "--max-steps", "8", "--eval-every", "0")],
+                                                                      "--max-steps", "100000", "--eval-every", "0",
+                                                                      "--save-every", "0")],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_steps(tmp_path, "same.metrics.jsonl", 1)
+    wait_for_steps(tmp_path, "same.metrics.jsonl", 2)
+    staged = [p for p in tmp_path.iterdir() if p.name.endswith(SUFFIX)]
     second = subprocess.run([sys.executable, "train.py", *train_args(path, tmp_path / "missing.json", out)],
                             cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 2 and "not found" in second.stderr
-    _, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr
-    assert torch.load(out, weights_only=True)["step"] == 8 and len(losses(tmp_path / "same.metrics.jsonl")) == 8
+    assert staged and all(p.exists() for p in staged)  # the live run's temporary was left alone
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130, stderr
+    step = torch.load(out, weights_only=True)["step"]
+    assert step >= 2 and len(losses(tmp_path / "same.metrics.jsonl")) == step
 
 
 # ---- resume means the same run ------------------------------------------------------------------------

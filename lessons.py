@@ -1,0 +1,145 @@
+"""Modify to learn: graded lessons in which you write the Aligner's parts yourself.
+
+    python lessons.py list                      # the lessons and their pages
+    python lessons.py start 3                   # a copy of the primer, lesson 3's code left for you
+    python lessons.py check 3                   # grade your copy: pass, or the difference and a hint
+    python lessons.py check all --dir .         # grade the project itself (a teacher's check)
+    python lessons.py lab tanh                  # an open lab: a variant trained and measured
+
+`start` copies the primer (model.py, aligner.py, data.py, generate.py, train.py, dpo.py) and the
+support package into a folder of yours (default ~/aligner-lessons/lesson-N), with the lesson's code
+replaced by a stub that says what to write and raises NotImplementedError. The code is found by
+name (lessons/catalog.py), so a refactor that moves it breaks a test, not a class. `check` runs
+the lesson's graders (lessons/graders.py) on that folder in a fresh process. Neither command
+writes inside the project. Read the lesson's page first: lessons/README.md lists them.
+Read next: lessons/README.md.
+"""
+import argparse
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "lessons"))
+
+from catalog import LESSONS, Blank  # noqa: E402
+from support.errors import UserError, run_main  # noqa: E402
+from support.flags import path_text, positive_int  # noqa: E402
+
+MARKER = ".aligner-lesson"  # in every folder `start` makes: --force replaces only those
+COPIED = ["model.py", "aligner.py", "data.py", "generate.py", "train.py", "dpo.py"]
+
+
+def lesson(text: str):
+    numbers = {str(entry.number): entry for entry in LESSONS}
+    if text not in numbers:
+        raise UserError(f"no lesson {text!r}: the lessons are {', '.join(numbers)} (python lessons.py list)")
+    return numbers[text]
+
+
+def find_function(tree, qualname: str):
+    """The FunctionDef of `Class.method` or `function` in a module's tree."""
+    node, parts = tree, qualname.split(".")
+    for part in parts:
+        kinds = (ast.FunctionDef, ast.ClassDef)
+        node = next((n for n in node.body if isinstance(n, kinds) and n.name == part), None)
+        if node is None:
+            raise LookupError(f"no {qualname}")
+    return node
+
+
+def blank(source: str, b: Blank) -> str:
+    """`source` with the block that `b` names replaced by its stub, indented as the block was."""
+    lines = source.splitlines()
+    fn = find_function(ast.parse(source), b.function)
+    body = fn.body[1:] if ast.get_docstring(fn) else fn.body
+    first, last = body[0].lineno - 1, fn.end_lineno  # 0-based, end exclusive
+    if b.start:
+        first = next(i for i in range(first, last) if b.start in lines[i])
+        last = next((i for i in range(first + 1, last) if lines[i].strip().startswith(b.end)), last) \
+            if b.end else last
+    indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+    return "\n".join(lines[:first] + [indent + s for s in b.stub.splitlines()] + lines[last:]) + "\n"
+
+
+def make_room(folder: Path, force: bool):
+    """An empty folder of the student's own: never inside the project, never over work without --force,
+    and never over a folder that `start` did not make, even with --force."""
+    if folder.resolve() == ROOT or ROOT in folder.resolve().parents:
+        raise UserError(f"{folder} is inside the project; start a lesson in a folder of your own")
+    if folder.is_symlink() or folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; name another with --dir")
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MARKER).is_file():
+            raise UserError(f"{folder} holds files that lessons.py did not put there; name an empty or new "
+                            f"folder with --dir")
+        if not force:
+            raise UserError(f"{folder} already holds a lesson (your work?); pass --force to start over, or "
+                            f"--dir another folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("a copy of the primer made by lessons.py start\n")
+
+
+def start(number: str, folder, force: bool):
+    entry = lesson(number)
+    folder = Path(folder or Path.home() / "aligner-lessons" / f"lesson-{entry.number}").expanduser()
+    make_room(folder, force)
+    shutil.copytree(ROOT / "support", folder / "support", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in COPIED:
+        source = (ROOT / name).read_text()
+        for b in (b for b in entry.blanks if b.file == name):
+            source = blank(source, b)
+        (folder / name).write_text(source)
+    print(f"lesson {entry.number}, {entry.title}: your copy is in {folder}")
+    files = ", ".join(sorted({b.file for b in entry.blanks}))
+    print(f"read lessons/{entry.page}, write the stubs in {files}, then: python lessons.py check "
+          f"{entry.number} --dir {folder}")
+
+
+def check(number: str, folder) -> int:
+    entries = LESSONS if number == "all" else [lesson(number)]
+    folder = Path(folder or Path.home() / "aligner-lessons" / f"lesson-{entries[0].number}").expanduser()
+    if not (folder / "model.py").is_file():
+        raise UserError(f"{folder} holds no lesson copy: python lessons.py start {number} --dir {folder}")
+    names = list(dict.fromkeys(g for e in entries for g in e.graders))
+    graders = ROOT / "lessons" / "graders.py"
+    r = subprocess.run([sys.executable, str(graders), str(folder), *names], cwd=folder)
+    return r.returncode
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="the lessons and their pages")
+    s = sub.add_parser("start", help="copy the primer with a lesson's code left for you to write")
+    s.add_argument("lesson", help="the lesson's number")
+    s.add_argument("--dir", type=path_text, help="your folder (default: ~/aligner-lessons/lesson-N)")
+    s.add_argument("--force", action="store_true", help="start over in a folder that holds files")
+    lab = sub.add_parser("lab", help="an open lab: train a variant on the embedded model and measure it")
+    lab.add_argument("name", choices=["tanh", "layer-gate", "start-layer"])
+    lab.add_argument("--steps", type=positive_int, default=40, help="optimizer steps of 8 (default 40)")
+    lab.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts scored (default 32)")
+    lab.add_argument("--seeds", type=positive_int, default=2, help="seeds per variant (default 2)")
+    c = sub.add_parser("check", help="grade a lesson (or all) in a folder")
+    c.add_argument("lesson", help="the lesson's number, or all")
+    c.add_argument("--dir", type=path_text, help="the folder to grade (default: ~/aligner-lessons/lesson-N)")
+    args = p.parse_args(argv)
+    if args.cmd == "list":
+        for entry in LESSONS:
+            print(f"{entry.number}. {entry.title:<52} lessons/{entry.page}")
+    elif args.cmd == "lab":
+        from labs import lab as run_lab
+
+        run_main(run_lab, args.name, args.steps, args.prompts, args.seeds)
+    elif args.cmd == "start":
+        run_main(start, args.lesson, args.dir, args.force)
+    else:
+        sys.exit(run_main(check, args.lesson, args.dir))
+
+
+if __name__ == "__main__":
+    main()
