@@ -41,6 +41,11 @@ class ModelArgs:
     max_seq_len: int = 4096
     tie_embeddings: bool = False  # output projection shares tok_embeddings' weight
     wo_bias_from: int = -1  # layers from this one on get a bias on wo (a merged Aligner); -1: none
+    qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2)
+    rope_factor: float = 1.0  # LLaMA-3.1's RoPE scaling (see scaled_frequencies); 1: none
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     @property
     def head_dim(self) -> int:
@@ -72,16 +77,32 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight  # (..., D)
 
 
-def rope(pos, head_dim: int, theta: float):
+def rope(pos, head_dim: int, theta: float, args=None):
     """cos and signed sin of the angles pos * theta^(-2i/E) for positions pos (B, T), each
     (B, T, 1, E), fp32, laid out for Meta's interleaved pairs: rotating (x0, x1) gives
     (x0 cos - x1 sin, x1 cos + x0 sin). Computed from positions on every call (it is tiny), so
-    no buffer can be rounded by .to(bf16)."""
+    no buffer can be rounded by .to(bf16). With `args` whose rope_factor is not 1, LLaMA-3.1's scaling."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)  # (E/2,)
+    if args is not None and args.rope_factor != 1:
+        inv_freq = scaled_frequencies(inv_freq, args)  # (E/2,)
     angle = pos.float()[..., None] * inv_freq  # (B, T, E/2)
     cos = angle.cos().repeat_interleave(2, -1)  # (B, T, E): cos, cos for each pair
     sin = torch.stack((-angle.sin(), angle.sin()), -1).flatten(-2)  # (B, T, E): -sin, +sin for each pair
     return cos[..., None, :], sin[..., None, :]  # (B, T, 1, E) each
+
+
+def scaled_frequencies(inv_freq, args: ModelArgs):
+    """LLaMA-3.1's RoPE scaling, for a context longer than the one the model was first trained at,
+    in three bands: slow rotations (wavelength > original context / low_freq_factor), which a long
+    context would turn past any angle seen in training, are slowed by rope_factor; fast ones
+    (wavelength < original context / high_freq_factor), which carry local order, are kept; those
+    between are a smooth blend of the two."""
+    wavelength, context = 2 * math.pi / inv_freq, args.rope_original_context  # (E/2,), scalar
+    low, high = args.rope_low_freq_factor, args.rope_high_freq_factor
+    smooth = (context / wavelength - low) / (high - low)  # (E/2,): 0 at the slow edge, 1 at the fast
+    blend = (1 - smooth) * inv_freq / args.rope_factor + smooth * inv_freq  # (E/2,)
+    slow, fast = wavelength > context / low, wavelength < context / high  # (E/2,) each
+    return torch.where(slow, inv_freq / args.rope_factor, torch.where(fast, inv_freq, blend))  # (E/2,)
 
 
 def apply_rope(x, cos, sin):
@@ -116,15 +137,15 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         has_bias = 0 <= args.wo_bias_from <= layer_id
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=has_bias)
         self.sdpa = False  # True: the causal part through F.scaled_dot_product_attention (same result)
 
     def prefix_kv(self, tokens, dtype):
-        """The Aligner tokens through this layer's frozen wk, wv: no norm, and no RoPE."""
+        """The Aligner tokens through this layer's frozen wk, wv (biases included): no norm, no RoPE."""
         tokens = tokens.to(dtype)  # (N, D), or (B, N, D) with one Aligner per row
         pk = self.wk(tokens).unflatten(-1, (self.n_kv_heads, self.head_dim))  # (N, K, E) or (B, N, K, E)
         pv = self.wv(tokens).unflatten(-1, (self.n_kv_heads, self.head_dim))  # (N, K, E) or (B, N, K, E)
@@ -224,7 +245,8 @@ class Transformer(nn.Module):
         # key s is visible from query t if s <= t and s is no padding (a padding query sees itself alone)
         visible = (pos[:, None] >= keys) & ((keys >= pad[:, None, None]) | (pos[:, None] == keys))  # B, T, S
         mask = torch.zeros(visible.shape, device=ids.device).masked_fill(~visible, float("-inf"))  # (B, T, S)
-        cos_sin = rope(pos - pad[:, None], self.args.head_dim, self.args.rope_theta)  # (B, T, 1, E) each
+        a = self.args
+        cos_sin = rope(pos - pad[:, None], a.head_dim, a.rope_theta, a)  # (B, T, 1, E) each
         h = self.tok_embeddings(ids)  # (B, T, D)
         for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             prefix = aligner.prefix(i) if aligner is not None else None  # None below start_layer

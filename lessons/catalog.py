@@ -39,7 +39,8 @@ LESSONS = [
            ["attention_equals_sdpa", "logits_equal_transformers"]),
     Lesson(2, "RoPE and the KV cache", "2-rope-and-cache.md", [
         Blank("model.py", "rope",
-              stub=todo(2, "cos and signed sin of pos * theta^(-2i/E), (B, T, 1, E) each")),
+              stub="# with args whose rope_factor is not 1, the frequencies go through scaled_frequencies\n"
+                   + todo(2, "cos and signed sin of pos * theta^(-2i/E), (B, T, 1, E) each")),
         Blank("model.py", "KVCache.update",
               stub=todo(2, "write xk, xv at positions pos; return every cached k, v"))],
            ["logits_equal_transformers", "cached_decoding_equals_recomputation"]),

@@ -39,6 +39,9 @@ def check_args(args: ModelArgs, where) -> ModelArgs:
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
         raise UserError(f"{where}: dim {args.dim}, n_heads {args.n_heads} and n_kv_heads "
                         f"{args.n_kv_heads} do not divide into even heads")
+    if args.rope_factor != 1 and args.rope_high_freq_factor <= args.rope_low_freq_factor:
+        raise UserError(f"{where}: RoPE scaling needs high_freq_factor > low_freq_factor, got "
+                        f"{args.rope_high_freq_factor} and {args.rope_low_freq_factor}")
     return args
 
 

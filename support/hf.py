@@ -43,6 +43,8 @@ def rename(key: str, top: dict, layer: dict, prefix_from: str, prefix_to: str):
 def unpermute(w, n_heads: int, where="a q/k projection"):
     """Hugging Face's q/k rows (per head: all first halves, then all second halves) back to
     Meta's interleaved pairs; n_heads is the key/value head count for wk (GQA-safe)."""
+    if w.dim() == 1:  # a bias (Qwen2): the same rows, one column
+        return unpermute(w[:, None], n_heads, where)[:, 0]
     if w.dim() != 2 or w.shape[0] % (2 * n_heads):
         raise UserError(f"{where} has shape {tuple(w.shape)}, which does not split into {n_heads} heads")
     rows, cols = w.shape
@@ -51,6 +53,8 @@ def unpermute(w, n_heads: int, where="a q/k projection"):
 
 def permute(w, n_heads: int):
     """Meta's interleaved q/k rows to Hugging Face's halves: the inverse of `unpermute`."""
+    if w.dim() == 1:
+        return permute(w[:, None], n_heads)[:, 0]
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -74,12 +78,12 @@ def hf_state(args: ModelArgs, state: dict, bos_id=None, eos_id=None):
     hf = {}
     for key, tensor in state.items():
         name = rename(key, top, layer, "layers.", "model.layers.")
-        if key.endswith("attention.wq.weight"):
+        if key.endswith(("attention.wq.weight", "attention.wq.bias")):
             tensor = permute(tensor, args.n_heads)
-        elif key.endswith("attention.wk.weight"):
+        elif key.endswith(("attention.wk.weight", "attention.wk.bias")):
             tensor = permute(tensor, args.n_kv_heads)
         hf[name] = tensor.contiguous()
-    if args.wo_bias_from >= 0:
+    if args.wo_bias_from >= 0 or args.qkv_bias:
         dtype = state["tok_embeddings.weight"].dtype
         kv = args.n_kv_heads * args.head_dim
         for i in range(args.n_layers):
@@ -90,9 +94,12 @@ def hf_state(args: ModelArgs, state: dict, bos_id=None, eos_id=None):
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
               "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
-              "attention_bias": args.wo_bias_from >= 0, "mlp_bias": False, "hidden_act": "silu",
+              "attention_bias": args.wo_bias_from >= 0 or args.qkv_bias, "mlp_bias": False,
+              "hidden_act": "silu",
               "bos_token_id": bos_id, "eos_token_id": eos_id,
               "torch_dtype": str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")}
+    if args.rope_factor != 1:
+        config["rope_scaling"] = {"rope_type": "llama3", **{k: getattr(args, v) for k, v in SCALING.items()}}
     return hf, config
 
 
@@ -102,11 +109,10 @@ def read_hf_config(src: Path) -> dict:
     sizes = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
     require_sizes(cfg, sizes + ("num_key_value_heads",) * (cfg.get("num_key_value_heads") is not None),
                   src / "config.json")
-    if cfg.get("model_type", "llama") not in ("llama", "mistral"):
+    if cfg.get("model_type", "llama") not in ("llama", "mistral", "qwen2"):
         raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r} is not a LLaMA")
     rope = cfg.get("rope_parameters") or {}  # transformers 5.x; 4.x keeps rope_theta at the top
-    if (rope.get("rope_type") or "default") != "default" or cfg.get("rope_scaling"):
-        raise UserError(f"{src}/config.json: RoPE scaling is not supported by model.py")
+    cfg["scaling"] = rope_scaling(cfg.get("rope_scaling") or rope, src / "config.json")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError(f"{src}/config.json: attention/MLP biases are not part of LLaMA")
     check_heads_and_activation(cfg, src / "config.json")
@@ -114,6 +120,26 @@ def read_hf_config(src: Path) -> dict:
     cfg["rope_theta"] = thetas[0] if thetas else 1e4
     cfg["context"] = context(cfg, src / "config.json")
     return cfg
+
+
+SCALING = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+           "high_freq_factor": "rope_high_freq_factor",
+           "original_max_position_embeddings": "rope_original_context"}
+
+
+def rope_scaling(params: dict, where) -> dict:
+    """The ModelArgs fields of a config's RoPE scaling: none, or LLaMA-3.1's "llama3"; any other
+    kind (linear, dynamic, yarn, longrope, ...) is refused rather than computed as something else."""
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return {}
+    if kind != "llama3":
+        raise UserError(f"{where}: RoPE scaling {kind!r} is not supported by model.py (only 'llama3', "
+                        f"LLaMA-3.1's; linear, dynamic, yarn and longrope are refused)")
+    missing = [k for k in SCALING if k not in params]
+    if missing:
+        raise UserError(f"{where}: the llama3 RoPE scaling lacks {', '.join(missing)}")
+    return {ours: params[theirs] for theirs, ours in SCALING.items()}
 
 
 def check_heads_and_activation(cfg: dict, where):
@@ -152,8 +178,9 @@ def from_hf(src: Path):
         if name.endswith("rotary_emb.inv_freq"):
             continue
         ours = rename(name, HF_TOP, HF_LAYER, "model.layers.", "layers.")
-        if ours.endswith(("attention.wq.weight", "attention.wk.weight")):
-            tensor = unpermute(tensor, n_heads if ours.endswith("wq.weight") else n_kv, f"{src}: {name}")
+        if ours.rpartition(".")[0].endswith(("attention.wq", "attention.wk")):
+            heads = n_heads if ".wq." in ours else n_kv
+            tensor = unpermute(tensor, heads, f"{src}: {name}")  # q/k rows, biases too, in Meta's pairs
         state[ours] = tensor
     tie = cfg.get("tie_word_embeddings", False) or "output.weight" not in state
     if tie:
@@ -161,7 +188,8 @@ def from_hf(src: Path):
     args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
                      vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
                      norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg["rope_theta"],
-                     max_seq_len=cfg["context"], tie_embeddings=tie)
+                     max_seq_len=cfg["context"], tie_embeddings=tie, qkv_bias=cfg["model_type"] == "qwen2",
+                     **cfg["scaling"])
     eos = cfg.get("eos_token_id")
     bos, eos = cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos
 

@@ -22,8 +22,6 @@ def from_meta(src: Path):
     for i, shard in enumerate(shards):
         if shard.name != f"consolidated.{i:02d}.pth":
             raise UserError(f"{src}: shard consolidated.{i:02d}.pth is missing ({len(shards)} found)")
-    if params.get("use_scaled_rope"):
-        raise UserError(f"{src}/params.json: LLaMA-3.1 scaled RoPE is not supported by model.py")
     parts = [load_weights(s, "checkpoint shard", mmap=True) for s in shards]
     dim, n_heads = params["dim"], params["n_heads"]
     state = {}
@@ -42,7 +40,7 @@ def from_meta(src: Path):
                      vocab_size=state["tok_embeddings.weight"].shape[0],  # params.json may say -1
                      hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
                      norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 1e4),
-                     max_seq_len=params.get("max_seq_len", 4096))
+                     max_seq_len=params.get("max_seq_len", 4096), **meta_scaling(params))
 
     def tokenizer(out: Path):
         for place in (src, src.parent):
@@ -51,3 +49,13 @@ def from_meta(src: Path):
         print(f"warning: no tokenizer.model in {src} or its parent; generate.py will need one")
 
     return args, state, tokenizer
+
+
+def meta_scaling(params: dict) -> dict:
+    """LLaMA-3.1/3.2/3.3's `use_scaled_rope` in Meta's params.json: the "llama3" RoPE scaling with Meta's
+    reference values (factor 8, low 1, high 4, an original context of 8192), unless params.json
+    names its own factor and high-frequency factor."""
+    if not params.get("use_scaled_rope"):
+        return {}
+    return {"rope_factor": params.get("rope_scaling_factor", 8.0), "rope_low_freq_factor": 1.0,
+            "rope_high_freq_factor": params.get("rope_high_freq_factor", 4.0), "rope_original_context": 8192}
