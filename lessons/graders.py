@@ -9,12 +9,14 @@ It runs with STUDENT_DIR first on the import path, so `import model` is the stud
 Each grader returns (passed, what was measured); a NotImplementedError is "not written yet".
 Not run on its own but by lessons.py. Read next: the lesson pages (lessons/1-attention.md ...).
 """
+import atexit
 import contextlib
 import functools
 import io
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -46,6 +48,7 @@ def tiny_folder() -> Path:
         for name, p in hf.named_parameters():
             p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.08)
     folder = Path(tempfile.mkdtemp(prefix="aligner-lesson-"))
+    atexit.register(shutil.rmtree, folder, True)  # a check leaves nothing behind in the temporary folder
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         hf.save_pretrained(folder / "hf")
         convert(str(folder / "hf"), folder / "ours")
