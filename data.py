@@ -4,9 +4,10 @@
     data = load_examples("alpaca.json", tok, max_len=512)   # DataSet(examples, truncated, dropped)
     batch = collate(data.examples[:8], tok.pad_id, "cpu")    # Batch(ids (B, T), labels (B, T))
 
-A record is {"instruction", "input" (optional), "output"} (read, with an exact error for each bad
-one, by support/inputs.read_records); its Example is the ids of BOS + prompt + response + EOS with
-labels that are IGNORE on the prompt (unless full_text), so the loss is on the response only.
+A record is {"instruction", "input" (optional), "output"} (support/inputs.read_records says what
+is wrong with a bad one); its Example is the ids of BOS + prompt + response + EOS, labels IGNORE on
+the prompt (unless full_text): the loss is on the response only. With a chat template, records are
+conversations (support/chat.py), every assistant turn labelled.
 Read next: generate.py (decoding), then train.py.
 """
 from pathlib import Path
@@ -50,10 +51,17 @@ def read_prompts(path) -> list:
     return [Prompt(r["instruction"], r.get("input", "")) for r in read_records(path, ("instruction",))]
 
 
+def prompt_ids(tok, p: Prompt, template="alpaca", chat=None) -> list:
+    """The ids of a Prompt to answer: format_prompt's text, or a user turn in a chat template."""
+    if chat:
+        return chat.prompt_ids([{"role": "user", "content": format_prompt(*p, template="raw")}])
+    return tok.encode(format_prompt(*p, template=template))
+
+
 class Example(NamedTuple):
     ids: list  # BOS + prompt + response + EOS, truncated
     labels: list  # the ids, IGNORE where the loss skips
-    prompt: str  # the prompt text, for sample answers
+    prompt_ids: list  # the ids of the prompt alone, for sample answers
 
 
 class DataSet(NamedTuple):
@@ -74,22 +82,25 @@ def encode_example(tok, prompt: str, response: str, max_len: int, full_text=Fals
     ids = tok.encode(prompt + response, eos=True)
     labels = list(ids) if full_text else [IGNORE] * n_prompt + ids[n_prompt:]
     ids, labels = ids[:max_len], labels[:max_len]
-    return Example(ids, labels, prompt) if any(y != IGNORE for y in labels[n_prompt:]) else None
+    return Example(ids, labels, ids[:n_prompt]) if any(y != IGNORE for y in labels[n_prompt:]) else None
 
 
-def load_examples(path, tok, max_len: int, template="alpaca", full_text=False) -> DataSet:
-    """The Examples of an instruction file, counting those truncated and those dropped."""
-    examples, truncated, dropped = [], 0, 0
-    for r in read_records(path, ("instruction", "output")):
-        prompt = format_prompt(r["instruction"], r.get("input", ""), template)
-        ex = encode_example(tok, prompt, r["output"], max_len, full_text)
-        truncated += len(tok.encode(prompt + r["output"], eos=True)) > max_len
-        dropped += ex is None
-        examples += [ex] if ex else []
-    if not examples:
+def load_examples(path, tok, max_len: int, template="alpaca", full_text=False, chat=None) -> DataSet:
+    """The Examples of an instruction file, counting those truncated and those dropped; with `chat`
+    (a support.chat.Chat), of a conversations file in the model's own chat template."""
+    if chat:  # (ids, labels, prompt ids) of each conversation, or None (support/chat.py)
+        encoded, truncated = chat.examples(path, max_len)
+        examples = [Example(*e) if e else None for e in encoded]
+    else:
+        records = read_records(path, ("instruction", "output"))
+        prompts = [format_prompt(r["instruction"], r.get("input", ""), template) for r in records]
+        examples = [encode_example(tok, p, r["output"], max_len, full_text) for p, r in zip(prompts, records)]
+        truncated = sum(len(tok.encode(p + r["output"], eos=True)) > max_len
+                        for p, r in zip(prompts, records))
+    if not any(examples):
         raise UserError(f"{path}: every example is longer than --max-seq-len {max_len} before its "
                         f"response starts; raise --max-seq-len")
-    return DataSet(examples, truncated, dropped)
+    return DataSet([ex for ex in examples if ex], truncated, examples.count(None))
 
 
 def split(examples: list, val_fraction: float, seed: int):

@@ -1,6 +1,6 @@
 """The paper's "form" claim, made visible on a laptop CPU in under ten minutes.
 
-    make demo            # or: python demo.py [--seconds 300] [--tokens 1]
+    make demo            # or: python demo.py [--seconds 300] [--tokens 1] [--template chat]
 
 1. converts the embedded default model (SmolLM2-135M-Instruct) on first use;
 2. trains a one-token Aligner (828 numbers) on data/form_train.json, where every answer is a
@@ -22,8 +22,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from aligner import AlignerBatch
-from data import format_prompt
+from data import Prompt, prompt_ids
 from generate import Sampling, generate_batch
+from support.chat import Chat, template_of
 from support.convert import model_dir
 from support.errors import run_main
 from support.flags import QUANTIZE, Runtime, path_text, positive_float, positive_int, random_seed
@@ -54,8 +55,9 @@ def demo(args):
     path = model_dir(None)
     run = train(TrainConfig(data=str(DATA / "form_train.json"), model=str(path), out=args.out,
                             tokens=args.tokens, batch_size=8, micro_batch_size=8, lr=9e-3,
-                            warmup_steps=10, schedule="cosine", max_steps=400, max_time=args.seconds,
-                            eval_every=50, eval_batches=2, val_fraction=0.05, save_every=0, seed=args.seed),
+                            warmup_steps=10, schedule="cosine", max_steps=args.steps, max_time=args.seconds,
+                            eval_every=50, eval_batches=2, val_fraction=0.05, save_every=0, seed=args.seed,
+                            template=args.template),
                 Runtime(device="cpu", quantize=args.quantize))
     model, tok, aligner = run.model, run.tok, run.aligner
     t_train = time.time() - t0
@@ -67,7 +69,9 @@ def demo(args):
 
 def answer_both(model, tok, aligner, held: list, args) -> list:
     """(instruction, base answer, aligned answer) for each instruction, greedy: every batch holds
-    base rows and aligned rows together (generate.py's batches, one Aligner per row)."""
+    base rows and aligned rows together (generate.py's batches, one Aligner per row), both asked in
+    the template the Aligner was trained with."""
+    chat = Chat(template_of(model_dir(None)), tok) if args.template == "chat" else None
     greedy = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0, top_k=0, seed=args.seed)
     both = AlignerBatch([aligner], model.args)
     jobs = [(q, row) for q in held for row in (0, 1)]  # row 0: the base model, 1: with the Aligner
@@ -75,8 +79,9 @@ def answer_both(model, tok, aligner, held: list, args) -> list:
     for i in tqdm(range(0, len(jobs), 16), desc="held-out answers (base, aligned)", dynamic_ncols=True):
         chunk = jobs[i: i + 16]
         both.use([row for _, row in chunk])
-        prompts = [tok.encode(format_prompt(q)) for q, _ in chunk]
-        answers = generate_batch(model, prompts, both, greedy, tok.eos_id, pad_id=tok.pad_id)
+        prompts = [prompt_ids(tok, Prompt(q), args.template, chat) for q, _ in chunk]
+        answers = generate_batch(model, prompts, both, greedy, chat.stop_id if chat else tok.eos_id,
+                                 pad_id=tok.pad_id)
         texts.update((job, tok.decode(ids).strip()) for job, ids in zip(chunk, answers))
     return [(q, texts[q, 0], texts[q, 1]) for q in held]
 
@@ -99,10 +104,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=positive_float, default=300, help="training time budget")
     p.add_argument("--tokens", type=positive_int, default=1, help="Aligner tokens")
+    p.add_argument("--steps", type=positive_int, default=400,
+                   help="optimizer steps at most (the time budget may stop it first)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="answer length limit")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N held-out instructions")
     p.add_argument("--out", type=path_text, default="runs/demo/aligner.pt", help="where the adapter goes")
     p.add_argument("--seed", type=random_seed, default=1337, help="random seed")
+    p.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
+                   help="prompts in the paper's Alpaca template, or the model's own chat template")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="the frozen base in 8 or 4 bits (needs torchao)")
     run_main(demo, p.parse_args(argv))

@@ -23,8 +23,8 @@ class Pair(NamedTuple):
     rejected: Example
 
     @property
-    def prompt(self) -> str:
-        return self.chosen.prompt
+    def prompt_ids(self) -> list:
+        return self.chosen.prompt_ids
 
 
 def load_pairs(path, tok, max_len: int, template="alpaca") -> DataSet:

@@ -3,9 +3,10 @@
     python generate.py --adapter out.pt --prompt "Give three tips for staying healthy."
     echo "Name a colour." | python generate.py --adapter out.pt --compare   # base vs aligned
     python generate.py --adapter a.pt --adapter b.pt --compare --data questions.json --out answers.jsonl
+    python generate.py --adapter chat.pt --chat          # a conversation, in the adapter's chat template
 
-The base model comes from the adapters' metadata (or --model); prompts get the Alpaca template when
-the adapter was trained with it (--raw: as they are). All decoding goes through `decode`: a batch's
+The base model comes from the adapters' metadata (or --model); prompts get the adapter's template
+(Alpaca, raw, or the chat template recorded in it). All decoding goes through `decode`: a batch's
 prompts are left-padded to one length, each row with its own positions and mask (padding changes
 nothing) and, through aligner.AlignerBatch, its own Aligner or none: one frozen base serves several
 alignments in one forward pass (Aligners of another token count go in another batch). The KV cache
@@ -15,16 +16,18 @@ Read next: train.py (and dpo.py beside it).
 import sys
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from aligner import Aligner, AlignerBatch
-from data import format_prompt, read_prompts
+from data import Prompt, prompt_ids, read_prompts
 from support.tokenizer import Tokenizer
 from model import Transformer
-from support.adapter_file import base_dir, load_aligner
+from support.adapter_file import load_aligner, one_base
+from support.chat import Chat, converse, template_of
 from support.checkpoint import load_model
 from support.convert import model_dir
 from support.default_model import DEFAULT_MODEL_DIR
@@ -89,9 +92,9 @@ def decode(model: Transformer, prompts: list, aligner=None, sampling=Sampling(),
         model.clear_cache()
 
 
-def generate(model, prompt_ids: list, aligner=None, sampling=Sampling(), eos_id=None, forward=None):
+def generate(model, ids: list, aligner=None, sampling=Sampling(), eos_id=None, forward=None):
     """Yield the new token ids of one prompt as they come, up to and including EOS."""
-    with closing(decode(model, [prompt_ids], aligner, sampling, forward)) as steps:
+    with closing(decode(model, [ids], aligner, sampling, forward)) as steps:
         for next_ids in steps:
             yield next_ids.item()
             if next_ids.item() == eos_id:
@@ -100,24 +103,27 @@ def generate(model, prompt_ids: list, aligner=None, sampling=Sampling(), eos_id=
 
 def generate_batch(model, prompts: list, aligner=None, sampling=Sampling(), eos_id=None, forward=None,
                    pad_id=0) -> list:
-    """The new token ids of every prompt, decoded together; each row ends at its own EOS."""
+    """The new token ids of every prompt, decoded together; each row ends at its own EOS (eos_id: one
+    id, or a list of one id per row)."""
     answers, done = [[] for _ in prompts], [False] * len(prompts)
+    eos = eos_id if isinstance(eos_id, list) else [eos_id] * len(prompts)
     with closing(decode(model, prompts, aligner, sampling, forward, pad_id)) as steps:
         for next_ids in steps:
             for row, i in enumerate(next_ids.tolist()):
                 answers[row] += [] if done[row] else [i]
-                done[row] = done[row] or i == eos_id
+                done[row] = done[row] or i == eos[row]
             if all(done):
                 break
     return answers
 
 
-def answer(model, tok, text: str, aligner=None, sampling=Sampling(), stream=None, forward=None) -> str:
-    """Generate for one prompt text; print the new text as it comes when `stream` is a file."""
+def answer(model, tok, prompt: list, aligner=None, sampling=Sampling(), stream=None, forward=None,
+           eos_id=None) -> str:
+    """Generate for one prompt's ids; print the new text as it comes when `stream` is a file."""
     torch.manual_seed(sampling.seed)
-    ids, shown = [], ""
-    for i in generate(model, tok.encode(text), aligner, sampling, tok.eos_id, forward):
-        ids.append(i)
+    ids, shown, eos_id = [], "", tok.eos_id if eos_id is None else eos_id
+    for i in generate(model, prompt, aligner, sampling, eos_id, forward):
+        ids += [] if i == eos_id else [i]
         full = tok.decode(ids)
         if stream and not full.endswith("\ufffd"):  # wait for a whole multi-byte character
             stream.write(full[len(shown):])
@@ -138,7 +144,9 @@ class GenerateConfig:
     data: str = flag(None, "prompts to answer in batches: Alpaca JSON/JSONL, or .txt (one a line)", path_text)
     out: str = flag(None, "with --data: JSONL answers, a record per prompt and adapter", path_text)
     batch_size: int = flag(8, "with --data: rows decoded together", positive_int)
-    raw: bool = flag(False, "send prompts as they are, without the Alpaca template")
+    template: str = flag(None, "prompts in the Alpaca template, raw, or the chat template (default: the "
+                         "adapter's own; alpaca)", choices=["alpaca", "raw", "chat"])
+    chat: bool = flag(False, "a conversation: each line of input is your turn (/reset starts over)")
     no_adapter: bool = flag(False, "answer with the base model alone")
     compare: bool = flag(False, "answer each prompt with the base model too")
 
@@ -148,21 +156,16 @@ class GenerateConfig:
             raise UserError("--data and --out go together: the prompts file and the answers file")
         if self.compare and not self.adapter:
             raise UserError("--compare needs --adapter FILE")
+        if self.chat and (self.data or self.compare or self.prompt or len(self.adapter or []) > 1):
+            raise UserError("--chat talks with one model: one --adapter, no --data, --compare, --prompt")
 
 
 class Column(NamedTuple):  # one way of answering every prompt: the base model, or an adapter file
     name: str
     aligner: Aligner
     template: str
-
-
-def one_base(adapters: list, model):
-    """The base model directory: --model, or the one every adapter names (None: the default)."""
-    bases = {str(base_dir(a, path, model)) for path, a in adapters}
-    if len(bases) > 1:
-        raise UserError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}): "
-                        f"pass --model DIR to use one")
-    return bases.pop() if bases else model
+    chat: Chat  # the chat template when `template` is "chat", else None
+    eos_id: int  # the token that ends an answer: the chat template's end of turn, or EOS
 
 
 def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
@@ -179,10 +182,19 @@ def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
     for _, a in adapters:
         a.check_fits(model.args, str(path))
         a.to(device)
-    columns = [Column(p, a, "raw" if cfg.raw else a.meta.get("template", "alpaca")) for p, a in adapters]
-    if cfg.compare or not columns:
-        columns.insert(0, Column("base", None, "raw" if cfg.raw else "alpaca"))
-    return model, Tokenizer(path, model.args.vocab_size), columns
+    tok = Tokenizer(path, model.args.vocab_size)
+    columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), tok, path) for p, a in adapters]
+    if cfg.compare or not columns:  # the base answers as the adapter is asked (in a chat with --chat)
+        template = cfg.template or (columns[0].template if columns else "chat" if cfg.chat else "alpaca")
+        columns.insert(0, column("base", None, template, tok, path))
+    return model, tok, columns
+
+
+def column(name: str, aligner, template: str, tok, path) -> Column:
+    """A Column; its chat template is the one the adapter was trained with, else the model's own."""
+    own = aligner.meta.get("chat_template") if aligner else None
+    chat = Chat(own if isinstance(own, str) else template_of(path), tok) if template == "chat" else None
+    return Column(name, aligner, template, chat, chat.stop_id if chat else tok.eos_id)
 
 
 def batches(model, columns, n_prompts: int, batch_size: int):
@@ -208,15 +220,15 @@ def answer_file(cfg: GenerateConfig, sampling: Sampling, model, tok, columns, fo
     prompts, answers = read_prompts(cfg.data), {}
     bar = tqdm(total=len(prompts) * len(columns), desc="answers", unit="prompt", dynamic_ncols=True)
     for batcher, chunk in batches(model, columns, len(prompts), cfg.batch_size):
-        ids = [tok.encode(format_prompt(*prompts[r], template=columns[c].template)) for r, c in chunk]
+        ids = [prompt_ids(tok, prompts[r], columns[c].template, columns[c].chat) for r, c in chunk]
         torch.manual_seed(sampling.seed)
-        answers.update(zip(chunk, generate_batch(model, ids, batcher, sampling, tok.eos_id, forward,
-                                                 tok.pad_id)))
+        eos = [columns[c].eos_id for _, c in chunk]
+        answers.update(zip(chunk, generate_batch(model, ids, batcher, sampling, eos, forward, tok.pad_id)))
         bar.update(len(chunk))
     bar.close()
-    rows = [{**p._asdict(), "adapter": columns[c].name, "answer": tok.decode(ids),
-             "new_tokens": len(ids) - (ids[-1:] == [tok.eos_id])}
-            for r, p in enumerate(prompts) for c in range(len(columns)) for ids in [answers[r, c]]]
+    rows = [{**p._asdict(), "adapter": col.name, "answer": tok.decode(body), "new_tokens": len(body)}
+            for r, p in enumerate(prompts) for c, col in enumerate(columns)
+            for body in [answers[r, c][:-1] if answers[r, c][-1:] == [col.eos_id] else answers[r, c]]]
     write_jsonl(cfg.out, rows)
     print(f"wrote {cfg.out}: {len(rows)} answers ({len(prompts)} prompts x {len(columns)})")
 
@@ -227,13 +239,20 @@ def respond(cfg: GenerateConfig, sampling: Sampling, runtime: Runtime):
                             else None) if runtime.compile else model
     if cfg.data:
         return answer_file(cfg, sampling, model, tok, columns, forward)
+    if cfg.chat:  # one column: the adapter's, or the base's
+        col = columns[-1]
+        reply = partial(answer, model, tok, aligner=col.aligner, sampling=sampling, stream=sys.stdout,
+                        forward=forward, eos_id=col.eos_id)  # reply(ids): the answer, streamed
+        return converse(col.chat, reply, model.args.max_seq_len, sampling.max_new_tokens)
     for text in filter(str.strip, cfg.prompt or stdin_lines()):  # stdin: one prompt a line
         if not valid_text(text):
             raise UserError("a prompt is not valid UTF-8 text")
-        for name, aligner, template in columns:
+        for col in columns:
             if len(columns) > 1:  # label each answer: base and aligned, or the adapter's file
-                print(f"--- {'aligned' if len(columns) == 2 and aligner else name}: ", end="", flush=True)
-            answer(model, tok, format_prompt(text, template=template), aligner, sampling, sys.stdout, forward)
+                label = "aligned" if len(columns) == 2 and col.aligner else col.name
+                print(f"--- {label}: ", end="", flush=True)
+            ids = prompt_ids(tok, Prompt(text), col.template, col.chat)
+            answer(model, tok, ids, col.aligner, sampling, sys.stdout, forward, col.eos_id)
 
 
 def main(argv=None):

@@ -32,6 +32,7 @@ from generate import Sampling, generate
 from model import Transformer
 from support import parallel, report
 from support.adapter_file import load_aligner, read_checkpoint, restore_optimizer, to_dict
+from support.chat import Chat, template_of
 from support.checkpoint import load_model
 from support.convert import model_dir
 from support.default_model import DEFAULT_MODEL_DIR
@@ -62,9 +63,11 @@ class TrainConfig:
     warmup_epochs: float = flag(2, "linear warmup length in epochs", non_negative_float)
     warmup_steps: int = flag(None, "linear warmup in optimizer steps (overrides --warmup-epochs)", count)
     schedule: str = flag("constant", "lr after warmup", choices=["constant", "cosine"])
-    max_seq_len: int = flag(512, "truncate examples to this many tokens", positive_int)
+    max_seq_len: int = flag(None, "truncate examples to this many tokens (default: 512, or the model's "
+                            "context if shorter)", positive_int)
     full_text: bool = flag(False, "loss on the whole text, as the official data prep (default: the response)")
-    raw: bool = flag(False, "no Alpaca template: instruction (+ input) as plain text")
+    template: str = flag("alpaca", "prompts: the paper's Alpaca template, raw text, or chat (the model's own "
+                         "chat template; multi-turn data)", choices=["alpaca", "raw", "chat"])
     val_fraction: float = flag(0.05, "share of the data held out for validation", fraction)
     eval_every: int = flag(50, "evaluate every this many steps (0: never)", count)
     eval_batches: int = flag(4, "micro-batches per validation estimate", positive_int)
@@ -85,6 +88,8 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise UserError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
                             f"{self.micro_batch_size}")
+        if self.template == "chat" and (self.dpo or self.full_text):
+            raise UserError("--template chat labels the assistant turns: it takes no --dpo or --full-text")
         if self.resume and not self.out:
             raise UserError("--resume continues the checkpoint at --out: name it")
 
@@ -146,8 +151,8 @@ def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     model.use_sdpa(runtime.attention == "sdpa")
     if cfg.shard:
         parallel.shard_model(model)
-    tok, max_len = Tokenizer(path, model.args.vocab_size), min(cfg.max_seq_len, model.args.max_seq_len)
-    data, loss_fn, batcher = load_data(cfg, tok, max_len)
+    tok = Tokenizer(path, model.args.vocab_size)
+    data, loss_fn, batcher = load_data(cfg, tok, path, model.args.max_seq_len)
     val, train_set = split(data.examples, cfg.val_fraction, cfg.seed)
     aligner = make_aligner(cfg, model, path, checkpoint, runtime.quantize).to(ranks.device)
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -165,15 +170,19 @@ def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     return run
 
 
-def load_data(cfg: TrainConfig, tok: Tokenizer, max_len: int):
-    """(the data, the loss, the batcher): instruction examples for sft_loss, or with --dpo preference
-    pairs for dpo.py's loss, whose reference policy is --init (or the base alone)."""
-    template = "raw" if cfg.raw else "alpaca"
+def load_data(cfg: TrainConfig, tok: Tokenizer, path: Path, context: int):
+    """(data, loss, batcher): examples (or conversations) for sft_loss, or with --dpo preference pairs
+    for dpo.py's loss, whose reference policy is --init (or the base alone)."""
+    cfg.max_seq_len = cfg.max_seq_len or min(512, context)  # the default, now that the context is known
+    if cfg.max_seq_len > context:  # a sliding window shorter than the run's sequences is refused here
+        raise UserError(f"--max-seq-len {cfg.max_seq_len} is past the context of {path}: {context} at most")
+    chat = Chat(template_of(path), tok) if cfg.template == "chat" else None
     if not cfg.dpo:
-        return load_examples(cfg.data, tok, max_len, template, cfg.full_text), sft_loss, collate
+        data = load_examples(cfg.data, tok, cfg.max_seq_len, cfg.template, cfg.full_text, chat)
+        return data, sft_loss, collate
     import dpo
     reference = load_aligner(cfg.init) if cfg.init else None
-    pairs = dpo.load_pairs(cfg.data, tok, max_len, template)
+    pairs = dpo.load_pairs(cfg.data, tok, cfg.max_seq_len, cfg.template)
     return pairs, dpo.DPOLoss(reference, cfg.beta), dpo.collate_pairs
 
 
@@ -184,14 +193,15 @@ def metrics_path(cfg: TrainConfig) -> Path:
 def resume_flags(cfg: TrainConfig, path: Path, runtime: Runtime) -> dict:
     """The flags that define the Aligner and its base: --resume must give what the checkpoint has."""
     return {"--tokens": cfg.tokens, "--start-layer": cfg.start_layer, "--per-layer": cfg.per_layer,
-            "--model": str(path.resolve()), "--raw": cfg.raw, "--dpo": cfg.dpo,
+            "--model": str(path.resolve()), "--template": cfg.template, "--dpo": cfg.dpo,
             "--quantize": runtime.quantize, "--init": cfg.init}
 
 
 def make_aligner(cfg: TrainConfig, model: Transformer, path: Path, checkpoint, quantize: str) -> Aligner:
     """The Aligner to train: resumed, started from --init, or new (zero gates)."""
-    meta = {"base": str(path.resolve()), "template": "raw" if cfg.raw else "alpaca",
-            "mode": "dpo" if cfg.dpo else "sft", "data": Path(cfg.data).name, "quantize": quantize}
+    meta = {"base": str(path.resolve()), "template": cfg.template, "mode": "dpo" if cfg.dpo else "sft",
+            "data": Path(cfg.data).name, "quantize": quantize,
+            **({"chat_template": template_of(path)} if cfg.template == "chat" else {})}
     if checkpoint is not None:
         aligner = checkpoint[1]
     elif cfg.init:
@@ -253,7 +263,7 @@ def evaluate(run: Run, cfg: TrainConfig, metrics: StagedLines, bar):
     metrics.write({"step": run.step, "val_loss": val_loss,
                    **{f"val_{k}": v for k, v in mean([s for _, s in results]).items()}})
     if run.ranks.rank == 0 and not cfg.shard:  # a sharded model decodes only with every rank: no sample
-        ids = generate(run.model, run.tok.encode(run.val[0].prompt), run.aligner,
+        ids = generate(run.model, run.val[0].prompt_ids, run.aligner,
                        Sampling(max_new_tokens=40, temperature=0.0), run.tok.eos_id)
         bar.write(f"step {run.step}: val loss {val_loss:.4f} | sample: {run.tok.decode(ids).strip()[:200]!r}")
 

@@ -288,7 +288,7 @@ def steps(ours, micro: int, n: int, lr: float, batch):
     from train import Run, TrainConfig, sft_loss, train_step
 
     a = gated(ours.args, 2)
-    examples = [Example(i.tolist(), y.tolist(), "") for i, y in zip(batch.ids, batch.labels)]
+    examples = [Example(i.tolist(), y.tolist(), []) for i, y in zip(batch.ids, batch.labels)]
     cfg = TrainConfig(data="x", batch_size=4, micro_batch_size=micro, lr=lr, warmup_steps=0, max_steps=n)
     optimizer = torch.optim.AdamW(a.parameters(), lr=cfg.lr, weight_decay=0.0)
     run = Run(ours, ours, type("Tok", (), {"pad_id": 0})(), a, sft_loss, collate, optimizer, examples, [],
@@ -355,7 +355,7 @@ def pairs_batch():
     from dpo import Pair, collate_pairs
 
     batch = batch_of()
-    ex = [Example(i.tolist(), y.tolist(), "") for i, y in zip(batch.ids, batch.labels)]
+    ex = [Example(i.tolist(), y.tolist(), []) for i, y in zip(batch.ids, batch.labels)]
     return collate_pairs([Pair(ex[0], ex[1]), Pair(ex[2], ex[3])], 0, "cpu")
 
 

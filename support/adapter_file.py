@@ -5,6 +5,7 @@ every field checked.
     save_aligner(aligner, "out.pt")
     aligner = load_aligner("out.pt")        # ours, a training checkpoint, or an official .pth
     path = base_dir(aligner, "out.pt")      # the base model directory it was trained on
+    path = one_base([("a.pt", a), ("b.pt", b)])  # the one base of several (or a UserError)
     checkpoint, aligner = read_checkpoint("out.pt", {"--tokens": 1})  # train.py's, for --resume
 
 The format ("aligner-v1"): {"format", "tokens", "gates", "config": {n_tokens, start_layer,
@@ -51,6 +52,16 @@ def base_dir(a: Aligner, where="the adapter", model=None) -> Path:
     if not (Path(a.meta["base"]) / "params.json").is_file():
         raise UserError(f"{where} was trained on {a.meta['base']}, which is not there: pass --model DIR")
     return Path(a.meta["base"])
+
+
+def one_base(adapters: list, model=None):
+    """The base model directory of [(path, Aligner)]: `model` (--model), or the one every adapter
+    names (None: the default)."""
+    bases = {str(base_dir(a, path, model)) for path, a in adapters}
+    if len(bases) > 1:
+        raise UserError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}): "
+                        f"pass --model DIR to use one")
+    return bases.pop() if bases else model
 
 
 def from_state(d: dict, where="adapter") -> Aligner:
@@ -116,7 +127,8 @@ def read_checkpoint(path, given: dict):
     config = d["config"] if isinstance(d.get("config"), dict) else {}
     trained = {"--tokens": aligner.n_tokens, "--start-layer": aligner.start_layer,
                "--per-layer": aligner.per_layer, "--model": aligner.meta.get("base"),
-               "--raw": aligner.meta.get("template") == "raw", "--dpo": aligner.meta.get("mode") == "dpo",
+               "--template": aligner.meta.get("template", "alpaca"),
+               "--dpo": aligner.meta.get("mode") == "dpo",
                "--quantize": aligner.meta.get("quantize", "none"), "--init": config.get("init")}
     for flag, value in given.items():
         if value != trained[flag]:

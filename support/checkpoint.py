@@ -9,6 +9,7 @@ Not run on its own. Read next: tokenizer.py.
 """
 import json
 import math
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -122,18 +123,29 @@ def load_model(path, device="cpu", dtype=torch.float32, quantize="none") -> Tran
     return quantize_base(model.requires_grad_(False).eval(), quantize)
 
 
-def write_tokenizer_config(out: Path, bos, eos, add_bos: bool):
-    """tokenizer_config.json: the ids data.Tokenizer adds around a text."""
+def is_tiktoken(model_file: Path) -> bool:
+    """True for a tiktoken ranks file (lines of "base64-token rank"), not a sentencepiece model."""
+    with open(model_file, "rb") as f:
+        first = f.readline(200).split()
+    return len(first) == 2 and first[1].isdigit() and bool(re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]))
+
+
+def write_tokenizer_config(out: Path, bos, eos, add_bos: bool, chat_template=None):
+    """tokenizer_config.json: the ids data.Tokenizer adds around a text, and the chat template."""
     cfg = {"bos_id": bos, "eos_id": eos, "add_bos": bool(add_bos and bos is not None)}
+    cfg.update({"chat_template": chat_template} if chat_template else {})
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def copy_sentencepiece(model_file: Path, out: Path, add_bos: bool):
+def copy_sentencepiece(model_file: Path, out: Path, add_bos: bool, chat_template=None):
     """A sentencepiece tokenizer.model into `out`, with its config."""
     import shutil
 
     import sentencepiece
 
+    if is_tiktoken(model_file):
+        raise UserError(f"{model_file} is a tiktoken BPE file (Meta's LLaMA-3 layout), which sentencepiece "
+                        f"cannot read: convert the Hugging Face release of this model (its tokenizer.json)")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
     shutil.copy(model_file, out / "tokenizer.model")
-    write_tokenizer_config(out, sp.bos_id(), sp.eos_id(), add_bos)
+    write_tokenizer_config(out, sp.bos_id(), sp.eos_id(), add_bos, chat_template)

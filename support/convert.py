@@ -89,8 +89,10 @@ def model_dir(path=None) -> Path:
     """The model directory to use: `path`, or the embedded default, converted on first use."""
     if path is not None:
         return Path(path)
-    if not (DEFAULT_MODEL_DIR / "params.json").is_file():
+    config = DEFAULT_MODEL_DIR / "tokenizer_config.json"
+    if not (DEFAULT_MODEL_DIR / "params.json").is_file() or not config.is_file() or \
+            "chat_template" not in read_json_object(config):
         print(f"first use: making {DEFAULT_MODEL_DIR} (python convert_weights.py {DEFAULT_MODEL})",
-              file=sys.stderr)
+              file=sys.stderr)  # again when it was made before tokenizer_config.json held the chat template
         convert(DEFAULT_MODEL, DEFAULT_MODEL_DIR, force=True)
     return DEFAULT_MODEL_DIR

@@ -64,7 +64,8 @@ def from_gguf(path: Path):
             print(f"warning: GGUF tokenizer type {fields.get('model')!r} is not rebuilt (only "
                   f"byte-level BPE, 'gpt2', is); put a tokenizer.json in {out} yourself")
             return
-        _gguf_bpe(fields, out)
+        template = reader.fields.get("tokenizer.chat_template")
+        _gguf_bpe({**fields, "chat_template": template.contents() if template else None}, out)
 
     return args, state, tokenizer
 
@@ -95,4 +96,4 @@ def _gguf_bpe(fields: dict, out: Path):
                    for t, kind in zip(tokens, types) if kind == 4])  # 4: user-defined
     tk.save(str(out / "tokenizer.json"))
     write_tokenizer_config(out, fields.get("bos_token_id"), fields.get("eos_token_id"),
-                      bool(fields.get("add_bos_token", False)))
+                           bool(fields.get("add_bos_token", False)), fields.get("chat_template"))

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from model import ModelArgs
-from support.checkpoint import copy_sentencepiece, require_sizes, write_tokenizer_config
+from support.chat import hf_template
+from support.checkpoint import copy_sentencepiece, is_tiktoken, require_sizes, write_tokenizer_config
 from support.errors import UserError
 from support.inputs import load_weights, read_json_object
 
@@ -196,8 +197,9 @@ def from_hf(src: Path):
     def tokenizer(out: Path):
         tok_cfg = src / "tokenizer_config.json"
         add_bos = json.loads(tok_cfg.read_text()).get("add_bos_token") if tok_cfg.is_file() else None
-        if (src / "tokenizer.model").is_file():
-            return copy_sentencepiece(src / "tokenizer.model", out, add_bos=add_bos is not False)
+        template = hf_template(src)
+        if (src / "tokenizer.model").is_file() and not is_tiktoken(src / "tokenizer.model"):
+            return copy_sentencepiece(src / "tokenizer.model", out, add_bos is not False, template)
         if (src / "tokenizer.json").is_file():
             import tokenizers
 
@@ -205,7 +207,7 @@ def from_hf(src: Path):
             if add_bos is None:  # ask the tokenizer itself whether it puts BOS first
                 add_bos = bos is not None and tk.encode("a").ids[:1] == [bos]
             shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
-            return write_tokenizer_config(out, bos, eos, add_bos)
+            return write_tokenizer_config(out, bos, eos, add_bos, template)
         print(f"warning: no tokenizer.model or tokenizer.json in {src}")
 
     return args, state, tokenizer

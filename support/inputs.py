@@ -7,6 +7,7 @@
 
 Not run on its own. Read next: outputs.py.
 """
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -93,11 +94,16 @@ def text_lines(path) -> list:
     return [line for line in lines if line]
 
 
-def stdin_lines():
-    """The lines of standard input, one prompt each; a line that is not UTF-8 is refused."""
+def stdin_lines(prompt=None):
+    """The lines of standard input, one prompt each (`prompt` shown on stderr before each read); a
+    line that is not UTF-8 is refused."""
     if sys.stdin is None:
         raise UserError("standard input is closed and no --prompt or --data was given: nothing to answer")
-    for n, line in enumerate(sys.stdin.buffer, 1):
+    for n in itertools.count(1):
+        print(prompt or "", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.buffer.readline()
+        if not line:
+            return
         try:
             yield line.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:

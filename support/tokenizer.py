@@ -4,8 +4,9 @@ or the `tokenizers` library (tokenizer.json), and the BOS/EOS ids from tokenizer
     tok = Tokenizer("checkpoints/smollm2-135m-instruct", vocab_size=49152)  # ids checked against it
     ids = tok.encode("Hello", bos=None, eos=False); text = tok.decode(ids)
 
-Not run on its own. Read next: quantize.py.
+Not run on its own. Read next: chat.py.
 """
+import re
 from pathlib import Path
 
 from support.errors import UserError
@@ -31,26 +32,39 @@ class Tokenizer:
             raise UserError(f"{config}: bos_id {self.bos_id} or eos_id {self.eos_id} is outside the model's "
                             f"vocabulary of {vocab_size}; convert the checkpoint again")
         try:
-            self._encode, self._decode = self.backend(path)
+            self._encode, self._decode, self._token = self.backend(path)
         except Exception as e:  # both libraries raise plain exceptions on a damaged file
             raise UserError(f"{path}: the tokenizer cannot be read ({type(e).__name__}: {str(e)[:80]}); "
                             f"convert the checkpoint again") from None
 
-    @staticmethod
-    def backend(path: Path):
-        """(encode, decode) of the tokenizer file in `path`."""
+    def backend(self, path: Path):
+        """(encode, decode, token text) of the tokenizer file in `path`."""
         if (path / "tokenizer.model").is_file():
             import sentencepiece
 
             sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            return sp.encode, sp.decode
+            return self.with_specials(sp.encode, sp.id_to_piece), sp.decode, sp.id_to_piece
         if (path / "tokenizer.json").is_file():
             import tokenizers
 
             tk = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-            return (lambda text: tk.encode(text, add_special_tokens=False).ids,
-                    lambda ids: tk.decode(ids, skip_special_tokens=False))
+            return (lambda text: tk.encode(text, add_special_tokens=False).ids,  # special tokens in text too
+                    lambda ids: tk.decode(ids, skip_special_tokens=False), tk.id_to_token)
         raise UserError(f"{path}: neither tokenizer.model nor tokenizer.json is there")
+
+    def with_specials(self, encode, piece):
+        """sentencepiece's encode, with BOS and EOS written in the text (as chat templates write
+        them, "<s>") read as those tokens, as the `tokenizers` library reads its special tokens."""
+        specials = {piece(i): i for i in (self.bos_id, self.eos_id) if i is not None}
+        if not specials:
+            return encode
+        split = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+        return lambda text: [i for part in split.split(text) if part
+                             for i in ([specials[part]] if part in specials else encode(part))]
+
+    def token_text(self, i):
+        """The text of token id i as the tokenizer spells it ("<|im_end|>"); "" for None."""
+        return "" if i is None else self._token(i)
 
     def encode(self, text: str, bos=None, eos=False) -> list:
         bos = self.add_bos if bos is None else bos

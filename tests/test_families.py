@@ -131,3 +131,27 @@ def test_metas_scaled_rope_flag_reads_as_the_llama3_scaling():
     assert meta_scaling({"use_scaled_rope": True}) == {"rope_factor": 8.0, "rope_low_freq_factor": 1.0,
                                                        "rope_high_freq_factor": 4.0, "rope_original_context": 8192}
     assert meta_scaling({"use_scaled_rope": True, "rope_scaling_factor": 32.0})["rope_factor"] == 32.0
+
+
+def test_a_sliding_window_shorter_than_the_run_is_refused(tmp_path):
+    """Mistral with sliding_window 64 < 256 positions: the converted context is the window (exact
+    there), and a training run asking for longer sequences is one line, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    hf = family("mistral")
+    hf.config.sliding_window = 64
+    hf.save_pretrained(tmp_path / "hf")
+    make_tokenizer_json(tmp_path / "hf")
+    ours = convert(str(tmp_path / "hf"), tmp_path / "ours")
+    assert load_model(ours).args.max_seq_len == 64
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    out = tmp_path / "o.pt"
+    r = subprocess.run([sys.executable, "train.py", "--model", str(ours), "--data", str(tmp_path / "d.json"),
+                        "--out", str(out), "--max-seq-len", "128", "--max-steps", "1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --max-seq-len 128 is past the context of {ours}: 64 at most"], r.stderr
+    assert not out.exists()

@@ -175,7 +175,7 @@ def checkpoint(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("flags, words", [
     (["--tokens", "5"], "--tokens is 5 here, but"), (["--per-layer", "--tokens", "2"], "--per-layer"),
-    (["--start-layer", "3", "--tokens", "2"], "--start-layer"), (["--tokens", "2", "--raw"], "--raw"),
+    (["--start-layer", "3", "--tokens", "2"], "--start-layer"), (["--tokens", "2", "--template", "raw"], "--template"),
     (["--tokens", "2", "--init", "i.pt"], "--init")])
 def test_resume_refuses_flags_that_define_another_run(tiny, checkpoint, flags, words):
     flags = [str(checkpoint / f) if f.endswith(".pt") else f for f in flags]

@@ -184,7 +184,7 @@ def test_generate_from_adapter_alone_stdin_compare_and_no_adapter(tiny, data, tm
     r = subprocess.run([sys.executable, "generate.py", "--adapter", str(out), "--max-new-tokens", "4", "--compare",
                         "--temperature", "0"], cwd=ROOT, input="first\n\nsecond\n", capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.count("--- base:") == 2 and r.stdout.count("--- aligned:") == 2, r.stderr
-    r = run_cli("generate.py", "--model", str(path), "--no-adapter", "--raw", "--prompt", "x", "--max-new-tokens", "3")
+    r = run_cli("generate.py", "--model", str(path), "--no-adapter", "--template", "raw", "--prompt", "x", "--max-new-tokens", "3")
     assert r.returncode == 0, r.stderr
 
 

@@ -1,0 +1,205 @@
+"""Chat: the model's own chat template (a jinja2 text, rendered as transformers renders it),
+conversations read from files, and the labels of a conversation's assistant turns.
+
+    chat = Chat(template_of("checkpoints/smollm2-135m-instruct"), tok)   # the model's template
+    ids = chat.prompt_ids([{"role": "user", "content": "Hi"}])           # ends with the assistant's cue
+    ids, labels = chat.example([{"role": "user", ...}, {"role": "assistant", ...}])
+    conversations = read_conversations("chats.jsonl")   # messages, ShareGPT or Alpaca records
+
+A template renders a list of {"role", "content"} messages to text; every assistant turn is labelled
+(its text and the closing tokens the template writes after it), the rest is IGNORE. The end-of-turn
+token that stops an answer is the first token the template writes after an assistant's text.
+Not run on its own. Read next: quantize.py.
+"""
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from support.errors import UserError
+from support.inputs import read_json, read_json_object, stdin_lines, valid_text
+
+IGNORE = -100  # the label the loss skips, as data.IGNORE
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
+
+
+def template_of(model_dir) -> str:
+    """The chat template a converted model directory carries (tokenizer_config.json)."""
+    config = Path(model_dir) / "tokenizer_config.json"
+    source = read_json_object(config).get("chat_template") if config.is_file() else None
+    if not isinstance(source, str) or not source.strip():
+        raise UserError(f"{model_dir} has no chat template (tokenizer_config.json's chat_template): "
+                        f"use --template alpaca, or convert a checkpoint that ships one")
+    return source
+
+
+def hf_template(folder: Path):
+    """The chat template of a Hugging Face checkpoint folder: chat_template.jinja, or
+    tokenizer_config.json's chat_template (a text, or a list of named ones: "default"); None if absent."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    source = read_json_object(config).get("chat_template") if config.is_file() else None
+    if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default")
+    return source if isinstance(source, str) else None
+
+
+def _raise(message):
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def compile_template(source: str):
+    """A jinja2 template in a sandbox, with transformers' settings: trim_blocks, lstrip_blocks,
+    loop controls, and the raise_exception, strftime_now and tojson helpers templates call."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=_raise, strftime_now=lambda f: datetime.now().strftime(f))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise UserError(f"the chat template is not valid jinja ({type(e).__name__}: {str(e)[:90]})") from None
+
+
+class Chat:
+    """A tokenizer's conversations in a chat template: rendered text, prompt ids, labelled examples."""
+
+    def __init__(self, source: str, tok):
+        self.source, self.tok, self.template = source, tok, compile_template(source)
+        self.special = {"bos_token": tok.token_text(tok.bos_id), "eos_token": tok.token_text(tok.eos_id)}
+        probe = [{"role": "user", "content": "Hi"}]
+        cue = self.render(probe, True)
+        closing = self.render(probe + [{"role": "assistant", "content": "Yes"}], False)
+        if not closing.startswith(cue + "Yes"):
+            raise UserError("the chat template does not write an assistant's answer right after the "
+                            "prompt it renders for it; this project cannot label or stop its turns")
+        after = tok.encode(closing[len(cue + "Yes"):], bos=False)
+        self.stop_id = after[0] if after else tok.eos_id  # the end-of-turn token
+
+    def render(self, messages: list, generation_prompt: bool) -> str:
+        import jinja2
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=generation_prompt,
+                                        **self.special)
+        except (jinja2.TemplateError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"the chat template cannot render this conversation ({type(e).__name__}: "
+                            f"{str(e)[:100]})") from None
+
+    def prompt_ids(self, messages: list) -> list:
+        """The ids of a conversation followed by the cue for the assistant's answer."""
+        return self.tok.encode(self.render(messages, True), bos=False)
+
+    def example(self, messages: list):
+        """(ids, labels) of a whole conversation: each assistant turn labelled, the rest IGNORE."""
+        ids = self.tok.encode(self.render(messages, False), bos=False)
+        labels = [IGNORE] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start = len(self.tok.encode(self.render(messages[:i], True), bos=False))
+                end = len(self.tok.encode(self.render(messages[: i + 1], False), bos=False))
+                labels[start:end] = ids[start:end]
+        return ids, labels
+
+    def examples(self, path, max_len: int):
+        """([(ids, labels, prompt ids) truncated to max_len, or None where no assistant token is
+        left], how many were truncated) of a conversations file."""
+        encoded = [self.example(messages) for messages in read_conversations(path)]
+        out = []
+        for ids, labels in encoded:
+            ids, labels = ids[:max_len], labels[:max_len]
+            first = next((i for i, y in enumerate(labels) if y != IGNORE), None)
+            out.append(None if first is None else (ids, labels, ids[:first]))
+        return out, sum(len(ids) > max_len for ids, _ in encoded)
+
+
+def read_conversations(path) -> list:
+    """The conversations of a JSON or JSONL file, each a list of {"role", "content"}: records of
+    {"messages": [...]}, ShareGPT's {"conversations": [{"from", "value"}]}, or Alpaca's
+    {"instruction", "input", "output"} (one user turn, one answer). Each bad record is one line."""
+    records = read_json(path)
+    if not isinstance(records, list) or not records:
+        raise UserError(f"{path}: expected a non-empty list of records")
+    return [conversation(r, f"{path}: record {i}") for i, r in enumerate(records)]
+
+
+def conversation(r, where: str) -> list:
+    if not isinstance(r, dict):
+        raise UserError(f"{where} is a {type(r).__name__}, not an object")
+    if "messages" in r or "conversations" in r:
+        key, role, text = (("messages", "role", "content") if "messages" in r
+                           else ("conversations", "from", "value"))
+        turns = r[key] if isinstance(r[key], list) and r[key] else None
+        if turns is None:
+            raise UserError(f"{where}: {key!r} must be a non-empty list of turns")
+        messages = [turn(t, f"{where}: {key}[{j}]", role, text) for j, t in enumerate(turns)]
+    elif isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str):
+        extra = r.get("input") if isinstance(r.get("input"), str) else ""
+        prompt = r["instruction"] + (f"\n{extra}" if extra else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["output"]}]
+    else:
+        raise UserError(f"{where} has none of 'messages', 'conversations', or 'instruction' and 'output'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: no assistant turn, so nothing to learn")
+    return messages
+
+
+def turn(t, where: str, role_key: str, text_key: str) -> dict:
+    if not isinstance(t, dict):
+        raise UserError(f"{where} is a {type(t).__name__}, not an object")
+    roles = ROLES if role_key == "role" else tuple(SHAREGPT_ROLES)
+    if t.get(role_key) not in roles:
+        raise UserError(f"{where}: {role_key} {t.get(role_key)!r} is not one of {', '.join(roles)}")
+    if not isinstance(t.get(text_key), str) or not valid_text(t[text_key]):
+        raise UserError(f"{where}: {text_key!r} must be a string of valid text")
+    return {"role": SHAREGPT_ROLES[t[role_key]], "content": t[text_key]}
+
+
+def converse(chat: Chat, reply, context: int, answer_room: int):
+    """A conversation on standard input: each line is the user's turn, `reply(ids)` streams the
+    answer and returns its text. "/reset" starts over, "/quit" (or Ctrl-D) ends. When the
+    conversation and room for an answer no longer fit the context, the oldest turns are dropped
+    with a note on stderr."""
+    if chat is None:
+        raise UserError("--chat needs a chat template, and this adapter was trained with another: "
+                        "add --template chat")
+    print("chat: type a message and press Enter; /reset starts over; /quit or Ctrl-D ends", file=sys.stderr)
+    history = []
+    for line in stdin_lines(prompt="> " if sys.stdin.isatty() else None):
+        text = line.strip()
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            history = []
+            print("(the conversation starts over)", file=sys.stderr)
+        elif text:
+            history = fitted(chat, history + [{"role": "user", "content": text}], context, answer_room)
+            if history:
+                history.append({"role": "assistant", "content": reply(chat.prompt_ids(history))})
+
+
+def fitted(chat: Chat, history: list, context: int, answer_room: int) -> list:
+    """The history without its oldest turns, as few as needed for it and the answer to fit; empty
+    (with a note) when the newest message alone does not fit."""
+    room = min(answer_room, context // 2)  # the answer's room, never more than half the context
+    dropped = 0
+    while len(chat.prompt_ids(history)) + room > context and len(history) > 1:
+        history, dropped = history[2:] if len(history) > 2 else history[1:], dropped + 1
+    if dropped:
+        print(f"(note: the {dropped} oldest exchange(s) were dropped to fit the model's context of "
+              f"{context} tokens)", file=sys.stderr)
+    if len(chat.prompt_ids(history)) >= context:
+        print(f"(note: that message is longer than the model's context of {context} tokens; say it "
+              f"shorter)", file=sys.stderr)
+        return []
+    return history

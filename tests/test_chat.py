@@ -1,0 +1,256 @@
+"""The model's own chat template (support/chat.py), checked against transformers' apply_chat_template
+token for token: SmolLM2's own template (the embedded default), and a LLaMA-3-style and a
+Qwen-style template written here into tiny tokenizer configs, with and without a system message,
+over several turns. Assistant-only labels by hand; multi-turn records (messages, ShareGPT, Alpaca);
+train.py --template chat recording its template in the adapter; generate.py --chat over turns,
+/reset and a context too small for the history; refusals one line, exit 2, nothing written.
+
+Run: .venv/bin/python -m pytest -q tests/test_chat.py"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_VOCAB, make_hf_model, make_tokenizer_json
+from test_model import assert_clean_error
+
+from support.chat import IGNORE, Chat, read_conversations, template_of
+from support.checkpoint import copy_sentencepiece
+from support.convert import convert
+from support.errors import UserError
+from support.tokenizer import Tokenizer
+
+# Written for these tests in the style of each family (not the released files): LLaMA-3 puts BOS
+# in the text and ends each turn with <|eot_id|>; Qwen adds a default system turn and ends with <|im_end|>.
+LLAMA3_STYLE = (
+    "{{- bos_token }}\n"
+    "{%- for m in messages %}\n"
+    "    {{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n")
+QWEN_STYLE = (
+    "{% for m in messages %}\n"
+    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}\n"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+FAMILIES = {  # specials (ids 0, 1, 2, ...), bos, eos (config.json's: the base model's end of text)
+    "llama3": (["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"], "<|begin_of_text|>", "<|end_of_text|>", LLAMA3_STYLE),
+    "qwen": (["<unk>", "<|unused|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>",
+             QWEN_STYLE),
+}
+TEXT = ["You are a helpful assistant.", "Name a colour. Blue. Another? Green, of course.",
+        "the quick brown fox jumps over the lazy dog", "system user assistant"]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Name a colour."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green, of course."},
+     {"role": "user", "content": "And the fox?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "the lazy dog"}],
+]
+
+
+def run_cli(*args, input=""):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, input=input)
+
+
+def chat_model(folder: Path, family: str) -> Path:
+    """A tiny random LLaMA whose Hugging Face folder has a tokenizer of the family with its template,
+    converted with convert_weights.py; returns the Hugging Face folder (ours is beside it)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials, bos, eos, template = FAMILIES[family]
+    src = folder / "hf"
+    make_hf_model().save_pretrained(src)
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(TEXT * 20, trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(src / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "add_bos_token": False, "chat_template": template}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    hf_cfg = json.loads((src / "config.json").read_text())
+    hf_cfg.update(bos_token_id=specials.index(bos) if bos else None, eos_token_id=specials.index(eos))
+    (src / "config.json").write_text(json.dumps(hf_cfg))
+    convert(str(src), folder / "ours")
+    return src
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    src = chat_model(tmp_path_factory.mktemp(request.param), request.param)
+    return request.param, src, src.parent / "ours"
+
+
+def hf_ids(tokenizer, messages, generation_prompt: bool) -> list:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_the_family_templates_equal_transformers_token_for_token(family):
+    from transformers import AutoTokenizer
+
+    _, src, ours = family
+    reference = AutoTokenizer.from_pretrained(src)
+    chat = Chat(template_of(ours), Tokenizer(ours, TINY_VOCAB))
+    for messages in CONVERSATIONS:
+        assert chat.prompt_ids(messages) == hf_ids(reference, messages, True)
+        ended = messages + [{"role": "assistant", "content": "Blue, of course."}]
+        assert chat.example(ended)[0] == hf_ids(reference, ended, False)
+
+
+def test_smollm2s_own_template_equals_transformers(smollm2_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    template = template_of(smollm2_dir)
+    assert "<|im_start|>" in template  # the GGUF's tokenizer.chat_template, carried by the conversion
+    tok = Tokenizer(smollm2_dir)
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(smollm2_dir / "tokenizer.json"), chat_template=template,
+                                        bos_token=tok.token_text(tok.bos_id), eos_token=tok.token_text(tok.eos_id))
+    chat = Chat(template, tok)
+    for messages in CONVERSATIONS:
+        assert chat.prompt_ids(messages) == hf_ids(reference, messages, True)
+    assert tok.token_text(chat.stop_id) == "<|im_end|>"
+
+
+def test_only_assistant_turns_are_labelled_by_hand(family):
+    kind, _, ours = family
+    tok = Tokenizer(ours, TINY_VOCAB)
+    chat = Chat(template_of(ours), tok)
+    end = {"llama3": "<|eot_id|>", "qwen": "<|im_end|>\n"}[kind]  # what the template writes after an answer
+    assert tok.token_text(chat.stop_id) == end.strip()
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green."}]
+    ids, labels = chat.example(messages)
+    runs, run = [], []
+    for i, y in zip(ids, labels):
+        assert y in (i, IGNORE)
+        run += [i] if y != IGNORE else []
+        if y == IGNORE and run:
+            runs, run = runs + [run], []
+    runs += [run] if run else []
+    assert runs == [tok.encode("Blue." + end, bos=False), tok.encode("Green." + end, bos=False)]
+    unlabelled = tok.decode([i for i, y in zip(ids, labels) if y == IGNORE])
+    assert "Name a colour." in unlabelled and "Another?" in unlabelled and "Blue" not in unlabelled
+
+
+def test_the_three_record_forms_read_alike(tmp_path):
+    same = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    records = [{"messages": same}, {"conversations": [{"from": "human", "value": "Name a colour."},
+                                                      {"from": "gpt", "value": "Blue."}]},
+               {"instruction": "Name a colour.", "output": "Blue."}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps(records))
+    assert read_conversations(tmp_path / "c.jsonl") == read_conversations(tmp_path / "c.json") == [same] * 3
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0]: role 'bot' is not one of"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "messages[0]: 'content'"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
+    ({"messages": "hello"}, "'messages' must be a non-empty list"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0]: from 'robot'"),
+    ({"prompt": "x", "completion": "y"}, "has none of 'messages'"),
+    ([1, 2], "is a list, not an object"),
+])
+def test_a_bad_record_is_one_line_naming_record_and_field(tmp_path, record, words):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "fine", "output": "fine"}, record]))
+    with pytest.raises(UserError, match="record 1") as e:
+        read_conversations(path)
+    assert words in str(e.value)
+
+
+def test_train_records_the_template_and_generate_chats_with_it(family, tmp_path):
+    kind, _, ours = family
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": c + [{"role": "assistant", "content": "Blue."}]})
+                              for c in CONVERSATIONS) + "\n")
+    out = tmp_path / "chat.pt"
+    r = run_cli("train.py", "--model", str(ours), "--data", str(data), "--template", "chat", "--out", str(out),
+                "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2", "--val-fraction", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    from support.adapter_file import load_aligner
+
+    meta = load_aligner(out).meta
+    assert meta["template"] == "chat" and meta["chat_template"] == template_of(ours)
+    r = run_cli("generate.py", "--adapter", str(out), "--chat", "--temperature", "0", "--max-new-tokens", "4",
+                input="Name a colour.\nAnother?\n/reset\nHi\n/quit\nnever read\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "/reset starts over" in r.stderr and "starts over" in r.stderr.split("/reset starts over")[1]
+    assert len(r.stdout.splitlines()) == 3  # three answers, one a line; the line after /quit is not read
+
+
+def test_chat_drops_the_oldest_turns_to_fit_the_context(family, tmp_path):
+    """With a context of 256 tokens and 100 new tokens at most, a long conversation keeps going: the
+    oldest exchanges are dropped with a note, and a message longer than the context is refused."""
+    _, _, ours = family
+    turns = "".join(f"the quick brown fox jumps over the lazy dog {i}\n" for i in range(12))
+    huge = "the lazy dog " * 200 + "\n"
+    r = run_cli("generate.py", "--model", str(ours), "--no-adapter", "--chat", "--temperature", "0",
+                "--max-new-tokens", "100", input=turns + huge + "Hi\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "oldest exchange(s) were dropped" in r.stderr and "longer than the model's context" in r.stderr
+    assert len(r.stdout.splitlines()) >= 13  # every message but the huge one answered
+
+
+def test_refusals_are_one_line_and_write_nothing(family, tmp_path):
+    _, _, ours = family
+    data = tmp_path / "d.json"
+    out = tmp_path / "o.pt"
+    cases = [  # (records, flags, words)
+        ([{"messages": [{"role": "wizard", "content": "x"}]}], [], "role 'wizard'"),
+        ([{"instruction": "a", "output": "b"}], ["--max-seq-len", "1000"], "past the context"),
+        ([{"instruction": "a", "output": "b"}], ["--dpo"], "--template chat labels"),
+    ]
+    for records, flags, words in cases:
+        data.write_text(json.dumps(records))
+        r = run_cli("train.py", "--model", str(ours), "--data", str(data), "--template", "chat", "--out",
+                    str(out), "--max-steps", "1", *flags)
+        assert_clean_error(r, words)
+        assert not out.exists() and not out.with_suffix(".metrics.jsonl").exists()
+
+
+def test_a_template_that_fails_to_render_is_one_line(tmp_path, tiny):
+    _, ours = tiny
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in ours.iterdir():
+        (model / f.name).write_bytes(f.read_bytes()) if f.is_file() else None
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    bad = {"unknown filter": "{{ messages | no_such_filter }}",
+           "raise_exception": "{% if messages[0]['role'] == 'user' %}{{ raise_exception('system first') }}{% endif %}",
+           "not jinja": "{% for %}"}
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    for name, template in bad.items():
+        (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        r = run_cli("train.py", "--model", str(model), "--data", str(data), "--template", "chat",
+                    "--out", str(tmp_path / "o.pt"), "--max-steps", "1")
+        assert_clean_error(r, "chat template")
+        assert not (tmp_path / "o.pt").exists(), name
+    (model / "tokenizer_config.json").write_text(json.dumps(config))  # no template at all
+    r = run_cli("train.py", "--model", str(model), "--data", str(data), "--template", "chat", "--out",
+                str(tmp_path / "o.pt"))
+    assert_clean_error(r, "has no chat template", "--template alpaca")
+
+
+def test_a_meta_llama3_tiktoken_file_is_refused_and_tokenizer_json_is_used(tmp_path, tiny):
+    tiktoken = tmp_path / "tokenizer.model"
+    tiktoken.write_text("IQ== 0\nIg== 1\nIw== 2\n")  # "base64-token rank" lines: Meta's LLaMA-3 layout
+    with pytest.raises(UserError, match="tiktoken BPE file .* tokenizer.json"):
+        copy_sentencepiece(tiktoken, tmp_path, add_bos=True)
+    _, ours = tiny
+    src = tmp_path / "hf"
+    make_hf_model().save_pretrained(src)
+    make_tokenizer_json(src)
+    (src / "tokenizer.model").write_bytes(tiktoken.read_bytes())  # beside tokenizer.json: that one is used
+    converted = convert(str(src), tmp_path / "converted")
+    assert (converted / "tokenizer.json").is_file() and not (converted / "tokenizer.model").exists()
+    assert Tokenizer(converted).encode("the quick brown fox") == Tokenizer(ours).encode("the quick brown fox")
