@@ -128,8 +128,9 @@ class KVCache(nn.Module):
 
     def update(self, pos, xk, xv):
         b = xk.shape[0]
-        self.k[:b, pos] = xk  # (B, T, K, E) written at positions pos
-        self.v[:b, pos] = xv
+        rows = slice(b) if pos.dim() == 1 else torch.arange(b, device=pos.device)[:, None]  # all, or (B, 1)
+        self.k[rows, pos] = xk  # (B, T, K, E) written at positions pos: (T,) for all rows, or (B, T)
+        self.v[rows, pos] = xv
         return self.k[:b], self.v[:b]  # (B, S, K, E) each, S = max_len
 
 
@@ -226,11 +227,11 @@ class Transformer(nn.Module):
         self.pad = None  # (B,) while decoding: the left padding of each row
 
     def forward(self, ids, aligner=None, pos=None, keep=None):
-        """Token ids (B, T) -> logits (B, T, vocab). While decoding, `pos` (T,) says which columns of
-        the cache the ids fill, and each row's left padding (given to setup_cache) is masked and
-        shifts its positions; otherwise the ids are whole sequences from 0. With `keep`, a (B, T)
-        mask, only the kept positions get logits, (n, vocab): a loss that needs no more saves the
-        vocabulary projection (a fifth of a small model's work) everywhere else."""
+        """Token ids (B, T) -> logits (B, T, vocab). While decoding, `pos` (T,), or (B, T) with each row
+        at its own columns (serve.py), says which columns of the cache the ids fill, and each row's left
+        padding (given to setup_cache) is masked and shifts its positions; otherwise the ids are whole
+        sequences from 0. With `keep`, a (B, T) mask, only the kept positions get logits, (n, vocab): a
+        loss that needs no more saves the vocabulary projection (a fifth of a small model's work)."""
         if self.decoding and aligner is not self.cache_aligner:
             raise ValueError("the KV cache holds the keys/values of another Aligner (or of none): "
                              "call setup_cache(batch, max_len, aligner) with the one you decode with")
@@ -243,7 +244,8 @@ class Transformer(nn.Module):
         n_keys = caches[0].k.shape[1] if self.decoding else ids.shape[1]  # S
         keys = torch.arange(n_keys, device=ids.device)  # (S,)
         # key s is visible from query t if s <= t and s is no padding (a padding query sees itself alone)
-        visible = (pos[:, None] >= keys) & ((keys >= pad[:, None, None]) | (pos[:, None] == keys))  # B, T, S
+        at = pos[..., None]  # (T, 1) or (B, T, 1)
+        visible = (at >= keys) & ((keys >= pad[:, None, None]) | (at == keys))  # (B, T, S)
         mask = torch.zeros(visible.shape, device=ids.device).masked_fill(~visible, float("-inf"))  # (B, T, S)
         a = self.args
         cos_sin = rope(pos - pad[:, None], a.head_dim, a.rope_theta, a)  # (B, T, 1, E) each

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PRIMER = ["model.py", "aligner.py", "data.py", "generate.py", "train.py"]
 BESIDE = {"dpo.py": "train.py"}  # read beside train.py, entered only with --dpo
-COMMANDS = ["adapter.py", "convert_weights.py", "demo.py", "bench.py", "lessons.py"]
+COMMANDS = ["adapter.py", "convert_weights.py", "demo.py", "bench.py", "lessons.py", "serve.py"]
 SUPPORT_MAY_IMPORT = {"model.py": "every module", "aligner.py": ["adapter_file.py"]}
 
 
