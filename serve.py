@@ -525,6 +525,7 @@ def load_served(cfg: ServeConfig, runtime: Runtime):
     path = model_dir(one_base(adapters, cfg.model))
     device = runtime.pick_device()
     model = load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
+    model.use_sdpa(runtime.attention == "sdpa")
     tok = Tokenizer(path, model.args.vocab_size)
     served = {"base": served_as(None, "alpaca", tok, path)}
     for name, (where, a) in zip(names, adapters):
@@ -547,6 +548,9 @@ def serve(cfg: ServeConfig, runtime: Runtime):
         import uvicorn
     except ImportError:
         raise UserError("serve.py needs FastAPI and uvicorn: pip install -r requirements-serve.txt") from None
+    if runtime.compile:
+        raise UserError("serve.py does not compile its decoding step yet (rows join and leave every step): "
+                        "leave out --compile")
     model, tok, served = load_served(cfg, runtime)
     engine = Engine(model, tok, served, cfg.slots, min(cfg.context, model.args.max_seq_len))
     thread = threading.Thread(target=engine.run, name="engine", daemon=True)

@@ -88,6 +88,14 @@ def family(request, tmp_path_factory):
     return request.param, src, src.parent / "ours"
 
 
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """The Qwen-style model alone, for the command-line tests (one family is enough there: the
+    template's rendering is what differs, and that is checked for both above)."""
+    src = chat_model(tmp_path_factory.mktemp("qwen-cli"), "qwen")
+    return "qwen", src, src.parent / "ours"
+
+
 def hf_ids(tokenizer, messages, generation_prompt: bool) -> list:
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -167,8 +175,8 @@ def test_a_bad_record_is_one_line_naming_record_and_field(tmp_path, record, word
     assert words in str(e.value)
 
 
-def test_train_records_the_template_and_generate_chats_with_it(family, tmp_path):
-    kind, _, ours = family
+def test_train_records_the_template_and_generate_chats_with_it(qwen, tmp_path):
+    kind, _, ours = qwen
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(json.dumps({"messages": c + [{"role": "assistant", "content": "Blue."}]})
                               for c in CONVERSATIONS) + "\n")
@@ -187,10 +195,10 @@ def test_train_records_the_template_and_generate_chats_with_it(family, tmp_path)
     assert len(r.stdout.splitlines()) == 3  # three answers, one a line; the line after /quit is not read
 
 
-def test_chat_drops_the_oldest_turns_to_fit_the_context(family, tmp_path):
+def test_chat_drops_the_oldest_turns_to_fit_the_context(qwen, tmp_path):
     """With a context of 256 tokens and 100 new tokens at most, a long conversation keeps going: the
     oldest exchanges are dropped with a note, and a message longer than the context is refused."""
-    _, _, ours = family
+    _, _, ours = qwen
     turns = "".join(f"the quick brown fox jumps over the lazy dog {i}\n" for i in range(12))
     huge = "the lazy dog " * 200 + "\n"
     r = run_cli("generate.py", "--model", str(ours), "--no-adapter", "--chat", "--temperature", "0",
@@ -200,8 +208,8 @@ def test_chat_drops_the_oldest_turns_to_fit_the_context(family, tmp_path):
     assert len(r.stdout.splitlines()) >= 13  # every message but the huge one answered
 
 
-def test_refusals_are_one_line_and_write_nothing(family, tmp_path):
-    _, _, ours = family
+def test_refusals_are_one_line_and_write_nothing(qwen, tmp_path):
+    _, _, ours = qwen
     data = tmp_path / "d.json"
     out = tmp_path / "o.pt"
     cases = [  # (records, flags, words)
