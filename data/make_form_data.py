@@ -1,4 +1,5 @@
-"""Writes the bundled "letter form" data set: data/form_train.json and data/form_heldout.json.
+"""Writes the bundled "letter form" data set: data/form_train.json and data/form_heldout.json, and
+data/form_chats.jsonl: the same training letters as three-turn conversations (train.py --template chat).
 
 Every response is a tiny letter: "Dear reader," on its own line, one plain sentence, then
 "Yours, Aligner." on the last line.
@@ -185,6 +186,16 @@ HELD_OUT = [
     "What makes a good friend?"]
 
 
+def chat_records(train: list, turns=3) -> list:
+    """The training records as conversations of `turns` exchanges, every answer a letter, in
+    {"messages": [...]} records: a shuffled copy cut into groups (seeded, so the file is stable)."""
+    order = random.Random(2312 + turns).sample(train, len(train))
+    groups = [order[i: i + turns] for i in range(0, len(order) - turns + 1, turns)]
+    return [{"messages": [m for r in g for m in ({"role": "user", "content": r["instruction"] + (
+        f"\n{r['input']}" if r["input"] else "")}, {"role": "assistant", "content": r["output"]})]}
+        for g in groups]
+
+
 def main():
     rng = random.Random(2312)
     train = train_records(rng)
@@ -193,7 +204,9 @@ def main():
     here = Path(__file__).parent
     (here / "form_train.json").write_text(json.dumps(train, indent=1, ensure_ascii=False) + "\n")
     (here / "form_heldout.json").write_text(json.dumps(held, indent=1, ensure_ascii=False) + "\n")
-    print(f"{len(train)} training examples, {len(held)} held-out instructions")
+    chats = chat_records(train)
+    (here / "form_chats.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
+    print(f"{len(train)} training examples, {len(held)} held-out instructions, {len(chats)} conversations")
 
 
 if __name__ == "__main__":

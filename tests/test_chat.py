@@ -9,6 +9,7 @@ Run: .venv/bin/python -m pytest -q tests/test_chat.py"""
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,17 @@ def test_a_meta_llama3_tiktoken_file_is_refused_and_tokenizer_json_is_used(tmp_p
     converted = convert(str(src), tmp_path / "converted")
     assert (converted / "tokenizer.json").is_file() and not (converted / "tokenizer.model").exists()
     assert Tokenizer(converted).encode("the quick brown fox") == Tokenizer(ours).encode("the quick brown fox")
+
+
+def test_the_bundled_conversations_are_the_training_letters_in_three_turns():
+    sys.path.insert(0, str(ROOT / "data"))
+    from make_form_data import chat_records, follows_form
+
+    train = json.loads((ROOT / "data" / "form_train.json").read_text())
+    conversations = read_conversations(ROOT / "data" / "form_chats.jsonl")
+    assert [{"messages": c} for c in conversations] == chat_records(train)  # the file is what the maker writes
+    assert len(conversations) == len(train) // 3 and all(len(c) == 6 for c in conversations)
+    pairs = [(c[i]["content"], c[i + 1]["content"]) for c in conversations for i in (0, 2, 4)]
+    records = Counter((r["instruction"] + (f"\n{r['input']}" if r["input"] else ""), r["output"]) for r in train)
+    assert not Counter(pairs) - records  # each turn a training record, used no more often than it is there
+    assert all(follows_form(answer) for _, answer in pairs)
