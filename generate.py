@@ -27,7 +27,7 @@ from data import Prompt, prompt_ids, read_prompts
 from support.tokenizer import Tokenizer
 from model import Transformer
 from support.adapter_file import load_aligner, one_base
-from support.chat import Chat, converse, template_of
+from support.chat import Chat, chat_of, converse
 from support.checkpoint import load_model
 from support.convert import model_dir
 from support.default_model import DEFAULT_MODEL_DIR
@@ -192,8 +192,7 @@ def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
 
 def column(name: str, aligner, template: str, tok, path) -> Column:
     """A Column; its chat template is the one the adapter was trained with, else the model's own."""
-    own = aligner.meta.get("chat_template") if aligner else None
-    chat = Chat(own if isinstance(own, str) else template_of(path), tok) if template == "chat" else None
+    chat = chat_of(aligner, path, tok) if template == "chat" else None
     return Column(name, aligner, template, chat, chat.stop_id if chat else tok.eos_id)
 
 

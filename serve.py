@@ -29,9 +29,9 @@ import torch
 
 from aligner import AlignerBatch
 from data import format_prompt
-from generate import Sampling, sample
+from generate import Column, Sampling, column, sample
 from support.adapter_file import load_aligner, one_base
-from support.chat import ROLES, Chat, template_of
+from support.chat import ROLES
 from support.checkpoint import load_model
 from support.convert import model_dir
 from support.errors import UserError, run_main
@@ -75,19 +75,10 @@ class ApiError(Exception):
 
 
 @dataclass
-class Served:
-    """One name /v1/models lists: an Aligner (None: the base) and how its prompts are written."""
-    aligner: object
-    template: str  # "alpaca", "raw" or "chat"
-    chat: Chat  # the chat template when template is "chat"
-    eos_id: int  # the token that ends an answer
-
-
-@dataclass
 class Request:
     """One answer being made: its prompt ids, its limits, and where its text goes."""
     ids: list
-    served: Served
+    served: Column  # the name asked for: its Aligner (or None), template and end-of-answer token
     sampling: Sampling
     max_tokens: int
     stop: list
@@ -114,11 +105,11 @@ class Engine:
         self.model, self.tok, self.context = model, tok, context
         self.device = model.output.weight.device
         aligned = [(name, s.aligner) for name, s in served.items() if s.aligner is not None]
-        self.batchers, self.row = {}, {id(s): 0 for s in served.values()}  # row 0 of any batcher: the base
+        self.batchers, self.row = {}, {name: 0 for name in served}  # row 0 of any batcher: the base
         for n in sorted({a.n_tokens for _, a in aligned}) or [1]:
             members = [(name, a) for name, a in aligned if a.n_tokens == n]
             self.batchers[n] = AlignerBatch([a for _, a in members], model.args).to(self.device)
-            self.row.update((id(served[name]), j) for j, (name, _) in enumerate(members, 1))
+            self.row.update((name, j) for j, (name, _) in enumerate(members, 1))
         self.group = min(self.batchers)  # the token count of the running batch
         self.slots, self.waiting, self.spare, self.rows = [None] * slots, [], None, 0
         self.wakeup, self.stopping, self.failure = threading.Condition(), threading.Event(), None
@@ -181,7 +172,7 @@ class Engine:
         n = max(len(r.ids) for r in new)
         pad = torch.tensor([n - len(r.ids) for r in new])  # (P,) left padding of each new row
         ids = torch.tensor([[0] * (n - len(r.ids)) + r.ids for r in new], device=self.device)  # (P, n)
-        batcher.use([self.row[id(r.served)] for r in new])
+        batcher.use([self.row[r.served.name] for r in new])
         model.caches = self.spare  # the prefill's own buffers, kept for the next one
         model.setup_cache(len(new), n, batcher, pad)
         logits = model(ids, batcher, torch.arange(n, device=self.device))[:, -1]  # (P, vocab)
@@ -197,7 +188,7 @@ class Engine:
     def attach(self, rows: int):
         """The running batch's caches for the first `rows` slots, each with its request's Aligner."""
         batcher = self.batchers[self.group]
-        batcher.use([self.row[id(r.served)] if r else 0 for r in self.slots[:rows]])
+        batcher.use([self.row[r.served.name] if r else 0 for r in self.slots[:rows]])
         self.model.setup_cache(rows, self.context, batcher)  # the buffers stay: only the Aligner rows change
         self.rows = rows
 
@@ -309,7 +300,7 @@ def message_text(m, i: int) -> dict:
     return {"role": m["role"], "content": content}
 
 
-def prompt_of(body: dict, served: Served, tok, chat: bool) -> list:
+def prompt_of(body: dict, served: Column, tok, chat: bool) -> list:
     """The prompt's token ids: raw text for completions; for chat, the messages in the served
     template (the chat template the Aligner was trained with, or one user turn in Alpaca's)."""
     if not chat:
@@ -355,9 +346,8 @@ def make_request(body, served: dict, tok, context: int, default_tokens: int, cha
     for key in ("stream", "ignore_eos"):
         if not isinstance(body.get(key, False), bool):
             raise ApiError(400, f"'{key}' must be true or false")
-    r = Request(ids, served[name], sampling, max_tokens, stop_strings(body), events)
-    r.ignore_eos = body.get("ignore_eos", False)
-    return r
+    return Request(ids, served[name], sampling, max_tokens, stop_strings(body), events,
+                   ignore_eos=body.get("ignore_eos", False))
 
 
 # ---- the web side: FastAPI routes, streaming, keys, limits ----------------------------------------
@@ -508,7 +498,7 @@ def make_app(engine: Engine, served: dict, tok, cfg: ServeConfig):
 
 
 def load_served(cfg: ServeConfig, runtime: Runtime):
-    """(model, tokenizer, {name: Served}): the base once, each Aligner named by its file's name."""
+    """(model, tokenizer, {name: Column}): the base once, each Aligner named by its file's name."""
     files = [Path(p) for p in cfg.adapter or []]
     if cfg.adapters:
         if not Path(cfg.adapters).is_dir():
@@ -527,20 +517,11 @@ def load_served(cfg: ServeConfig, runtime: Runtime):
     model = load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
     model.use_sdpa(runtime.attention == "sdpa")
     tok = Tokenizer(path, model.args.vocab_size)
-    served = {"base": served_as(None, "alpaca", tok, path)}
+    served = {"base": column("base", None, "alpaca", tok, path)}
     for name, (where, a) in zip(names, adapters):
         a.check_fits(model.args, where)
-        served[name] = served_as(a.to(device), a.meta.get("template", "alpaca"), tok, path)
+        served[name] = column(name, a.to(device), a.meta.get("template", "alpaca"), tok, path)
     return model, tok, served
-
-
-def served_as(aligner, template: str, tok, path) -> Served:
-    """How one name's prompts are written: the chat template it was trained with, else Alpaca's or raw."""
-    if template != "chat":
-        return Served(aligner, template, None, tok.eos_id)
-    own = aligner.meta.get("chat_template") if aligner is not None else None
-    chat = Chat(own if isinstance(own, str) else template_of(path), tok)
-    return Served(aligner, template, chat, chat.stop_id)
 
 
 def serve(cfg: ServeConfig, runtime: Runtime):

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "data"))
 from generate import Sampling, answer  # noqa: E402
 from make_form_data import follows_form  # noqa: E402
 from support.adapter_file import base_dir, load_aligner  # noqa: E402
-from support.chat import Chat, template_of  # noqa: E402
+from support.chat import chat_of  # noqa: E402
 from support.checkpoint import load_model  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
 
@@ -56,8 +56,7 @@ def main(argv=None):
     conversations = [held[i * n: i * n + n] for i in range(min(flags.conversations, len(held) // n))]
     print(f"{len(conversations)} conversations of {n} turns; answers in the letter form at each turn:")
     for name, a in [("base model", None)] + adapters:
-        source = a.meta.get("chat_template") if a is not None else None
-        chat = Chat(source if isinstance(source, str) else template_of(path), tok)
+        chat = chat_of(a, path, tok)
         with torch.no_grad():
             counts = in_form_by_turn(model, tok, chat, a, conversations, flags.new_tokens)
         print(f"  {Path(name).name:<24} " + "  ".join(f"turn {t + 1}: {c:2d}/{len(conversations)}"

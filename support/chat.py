@@ -2,6 +2,7 @@
 conversations read from files, and the labels of a conversation's assistant turns.
 
     chat = Chat(template_of("checkpoints/smollm2-135m-instruct"), tok)   # the model's template
+    chat = chat_of(aligner, "checkpoints/smollm2-135m-instruct", tok)   # the adapter's own, else that
     ids = chat.prompt_ids([{"role": "user", "content": "Hi"}])           # ends with the assistant's cue
     ids, labels = chat.example([{"role": "user", ...}, {"role": "assistant", ...}])
     conversations = read_conversations("chats.jsonl")   # messages, ShareGPT or Alpaca records
@@ -121,6 +122,13 @@ class Chat:
             first = next((i for i, y in enumerate(labels) if y != IGNORE), None)
             out.append(None if first is None else (ids, labels, ids[:first]))
         return out, sum(len(ids) > max_len for ids, _ in encoded)
+
+
+def chat_of(aligner, model_dir, tok) -> Chat:
+    """The Chat an Aligner (or None, the base) is asked in: the template recorded in it when it was
+    trained with one, else the model directory's own."""
+    own = aligner.meta.get("chat_template") if aligner is not None else None
+    return Chat(own if isinstance(own, str) else template_of(model_dir), tok)
 
 
 def read_conversations(path) -> list:

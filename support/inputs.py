@@ -100,7 +100,8 @@ def stdin_lines(prompt=None):
     if sys.stdin is None:
         raise UserError("standard input is closed and no --prompt or --data was given: nothing to answer")
     for n in itertools.count(1):
-        print(prompt or "", end="", file=sys.stderr, flush=True)
+        if prompt:
+            print(prompt, end="", file=sys.stderr, flush=True)
         line = sys.stdin.buffer.readline()
         if not line:
             return
