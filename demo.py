@@ -38,7 +38,7 @@ def form_check():
     spec = importlib.util.spec_from_file_location("make_form_data", DATA / "make_form_data.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.follows_form, f"starts with {mod.OPEN!r} and ends with {mod.CLOSE!r}"
+    return mod.follows_form, f"starts with {mod.OPEN!r}, ends with {mod.CLOSE!r}, with a body between"
 
 
 def side_by_side(left, right, width=38):

@@ -13,15 +13,31 @@ Written for this project from the small tables below; no outside data set is use
 """
 import json
 import random
+import re
 from pathlib import Path
 
 OPEN, CLOSE = "Dear reader,", "Yours, Aligner."
 
 
 def follows_form(text: str) -> bool:
-    """The check demo.py reports: the answer opens with OPEN and ends with CLOSE."""
+    """The check demo.py reports: the answer opens with OPEN, ends with CLOSE, and has a body between."""
     text = text.strip()
-    return text.startswith(OPEN) and text.endswith(CLOSE)
+    return text.startswith(OPEN) and text.endswith(CLOSE) and bool(text[len(OPEN):-len(CLOSE)].strip())
+
+
+# The instructions of the training set, with their slots as patterns: a held-out instruction that
+# matches one reuses a training template with new values.
+TRAINING_TEMPLATES = [re.compile(p) for p in (
+    r"What is the capital of .+\?", r"What is the opposite of \".+\"\?", r"Give a synonym for \".+\"\.",
+    r"What sound does a .+ make\?", r"What is a baby .+ called\?", r"How many legs does a .+ have\?",
+    r"Name three .+\.", r"Give me one tip for .+\.", r"Define .+\.", r"What is \d+ (plus|times|minus) \d+\?",
+    r"Which is larger, \d+ or \d+\?", r"Spell \".+\" backwards\.",
+    r"How many letters are in the word \".+\"\?",
+    r"Convert \d+ \w+ to \w+\.", r"Sort these numbers from smallest to largest\.")]
+
+
+def reuses_template(instruction: str) -> bool:
+    return any(t.fullmatch(instruction) for t in TRAINING_TEMPLATES)
 
 
 def letter(body: str) -> str:

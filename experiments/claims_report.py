@@ -2,12 +2,14 @@
 
     python experiments/form_vs_knowledge.py            # runs the cells, then calls `write` below
 
-Cells of the same task, method and start layer differ only by seed; each table entry is their
-mean +- the sample standard deviation (over 3 seeds by default), each figure's error bar the same.
-Writes OUT/results.md, OUT/results.json, and with matplotlib OUT/grid.png, OUT/start_layer.png and
-OUT/gates.png (the trained form Aligner's gates and merged biases beside the official LLaMA-2-7B
-one-token Aligner's gates).
-Read next: README.md, section "What the paper claims, measured".
+Cells of the same task, method, learning rate and start layer differ only by seed; a table entry is
+their mean +- the sample standard deviation (over 3 seeds by default), each figure's error bar the
+same. Each method is shown at its best learning rate (the lowest validation loss of the seed-1 grid
+at the main budget); the grid itself is a second table, the knowledge learning curve a third.
+Writes OUT/results.md, OUT/results.json, and with matplotlib OUT/grid.png, OUT/curves.png,
+OUT/start_layer.png and OUT/gates.png (the trained form Aligner's gates and merged biases beside the
+official LLaMA-2-7B one-token Aligner's gates).
+Read next: docs/claims.md.
 """
 import json
 import statistics
@@ -23,7 +25,9 @@ from support.temporary import atomic_write  # noqa: E402
 OFFICIAL = ROOT.parent / "shared" / "official_aligner" / \
     "aligner1Token-llama2-7B-lr0.009bs64weightDecay0.02wu2-epoch-8.0-valloss0.9565.pth"
 NAMES = {"base": "base model (no training)", "aligner": "Aligner N={}",
-         "per-layer": "LLaMA-Adapter ({} per layer)", "lora": "LoRA r={} (every projection)"}
+         "per-layer": "LLaMA-Adapter ({} per layer)", "lora": "LoRA r={} (every projection)",
+         "lora-qv": "LoRA r={} (wq, wv)"}
+FIELDS = ("score", "score_reuse", "score_new", "recall", "val_score", "val_loss")  # a cell's scores
 
 
 def spread(values: list) -> tuple:
@@ -34,52 +38,140 @@ def spread(values: list) -> tuple:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def groups(rows: list) -> dict:
-    """{(task, method, n, start): [rows over seeds]}, in the order the cells ran."""
-    out = {}
-    for r in rows:
-        out.setdefault((r["task"], r["method"], r["n"], r["start"]), []).append(r)
-    return out
+def at(row: dict) -> dict:
+    """The scores of a cell at its last checkpoint."""
+    return row["at"][-1]
 
 
-def cell_text(rows, field, percent=True) -> str:
-    mean, sd = spread([r[field] for r in rows] if rows else [])
+def cell_text(rows: list, field: str, percent=True) -> str:
+    mean, sd = spread([at(r).get(field) for r in rows])
     if mean is None:
         return "-"
     return f"{100 * mean:.1f} ± {100 * sd:.1f}%" if percent else f"{mean:.3f} ± {sd:.3f}"
 
 
-def grid_table(g: dict) -> list:
-    lines = ["| method | trainable parameters | form compliance | form val loss | knowledge accuracy |",
-             "|---|---|---|---|---|"]
-    for (task, method, n, start), rows in g.items():
-        if task != "form" or start != 2:
-            continue
-        knowledge = g.get(("knowledge", method, n, start), [])
-        lines.append(f"| {NAMES[method].format(n)} | {rows[0]['params']:,} | {cell_text(rows, 'score')} | "
-                     f"{cell_text(rows, 'val_loss', False)} | {cell_text(knowledge, 'score')} |")
+class Results:
+    """The cells of one run, sorted into what the tables need."""
+
+    def __init__(self, rows: list):
+        self.rows = rows
+        self.methods = list(dict.fromkeys((r["method"], r["n"]) for r in rows))
+
+    def cells(self, task, method, n, lr=None, start=2, seed=None, curve=False) -> list:
+        """The cells of a method at a start layer (and learning rate, seed); curves or single budgets."""
+        return [r for r in self.rows
+                if (r["task"], r["method"], r["n"], r["start"]) == (task, method, n, start)
+                and (lr is None or r["lr"] == lr) and (seed is None or r["seed"] == seed)
+                and (len(r["checkpoints"]) > 1) == curve]
+
+    def grid(self, task, method, n) -> dict:
+        """{lr: the seed-1 cell at the main budget} of the method's learning-rate grid."""
+        return {r["lr"]: r for r in self.cells(task, method, n, seed=0 if method == "base" else 1)}
+
+    def best_lr(self, task, method, n) -> float:
+        grid = self.grid(task, method, n)
+        return min(grid, key=lambda lr: at(grid[lr])["val_loss"])
+
+    def main(self, task, method, n) -> list:
+        """The cells at the best learning rate, every seed."""
+        return self.cells(task, method, n, self.best_lr(task, method, n))
+
+
+def main_table(res: Results) -> list:
+    lines = ["| method | trainable parameters | form lr | form compliance | reusing a training template "
+             "| new | form val loss | knowledge lr | held-out accuracy | training recall "
+             "| knowledge val loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, n in res.methods:
+        f, k = res.main("form", method, n), res.main("knowledge", method, n)
+        lrs = ["-" if method == "base" else f"{res.best_lr(t, method, n):g}" for t in ("form", "knowledge")]
+        lines.append(f"| {NAMES[method].format(n)} | {f[0]['params']:,} | {lrs[0]} | "
+                     f"{cell_text(f, 'score')} | "
+                     f"{cell_text(f, 'score_reuse')} | {cell_text(f, 'score_new')} | "
+                     f"{cell_text(f, 'val_loss', False)} | {lrs[1]} | {cell_text(k, 'score')} | "
+                     f"{cell_text(k, 'recall')} | {cell_text(k, 'val_loss', False)} |")
     return lines
 
 
-def sweep(g: dict) -> list:
-    """[(start, rows)] of the one-token form Aligner, by start layer."""
-    return sorted((start, rows) for (task, method, n, start), rows in g.items()
-                  if task == "form" and method == "aligner" and n == 1)
+def grid_table(res: Results) -> list:
+    lines = ["| method | lr | form val loss | form compliance | knowledge val loss | validation accuracy "
+             "| held-out accuracy | training recall |", "|---|---|---|---|---|---|---|---|"]
+    for method, n in res.methods:
+        if method == "base":
+            continue
+        forms, knows = res.grid("form", method, n), res.grid("knowledge", method, n)
+        best = {t: res.best_lr(t, method, n) for t in ("form", "knowledge")}
+        for lr in sorted(forms):
+            f, k = at(forms[lr]), at(knows[lr])
+            loss = {t: f"**{x:.3f}**" if best[t] == lr else f"{x:.3f}"
+                    for t, x in (("form", f["val_loss"]), ("knowledge", k["val_loss"]))}
+            lines.append(f"| {NAMES[method].format(n)} | {lr:g} | {loss['form']} | {100 * f['score']:.1f}% | "
+                         f"{loss['knowledge']} | {100 * k['val_score']:.1f}% | {100 * k['score']:.1f}% | "
+                         f"{100 * k['recall']:.1f}% |")
+    return lines
 
 
-def sweep_table(g: dict, n_layers: int) -> list:
+def selection_table(res: Results) -> list:
+    """Knowledge, seed 1: the learning rate the validation loss picks (the rule fixed in advance) beside
+    the one the validation accuracy would pick (ties to the lower loss), with what each scores."""
+    lines = ["| method | by validation loss: lr, held-out, recall "
+             "| by validation accuracy: lr, held-out, recall |", "|---|---|---|"]
+    for method, n in res.methods:
+        if method == "base":
+            continue
+        grid = res.grid("knowledge", method, n)
+        by_loss = res.best_lr("knowledge", method, n)
+        by_score = min(grid, key=lambda lr: (-at(grid[lr])["val_score"], at(grid[lr])["val_loss"]))
+        picks = [f"{lr:g}, {100 * at(grid[lr])['score']:.1f}%, {100 * at(grid[lr])['recall']:.1f}%"
+                 for lr in (by_loss, by_score)]
+        lines.append(f"| {NAMES[method].format(n)} | {picks[0]} | {picks[1]} |")
+    return lines
+
+
+def curves(res: Results) -> list:
+    """[(method, n, lr, [{step, recall, score, val_loss}])] of the knowledge learning curves."""
+    out = []
+    for method, n in res.methods:
+        rows = res.cells("knowledge", method, n, curve=True)
+        if rows:
+            out.append((method, n, rows[0]["lr"], rows[0]["at"]))
+    return out
+
+
+def curve_table(res: Results) -> list:
+    found = curves(res)
+    if not found:
+        return ["(no curve: the run had one knowledge checkpoint)"]
+    steps = [a["step"] for a in found[0][3]]
+    lines = ["| method | lr | " + " | ".join(f"step {s}: recall / held-out / val loss" for s in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    lines += [f"| {NAMES[m].format(n)} | {lr:g} | " + " | ".join(
+        f"{100 * a['recall']:.0f}% / {100 * a['score']:.0f}% / {a['val_loss']:.2f}" for a in points) + " |"
+        for m, n, lr, points in found]
+    return lines
+
+
+def sweep(res: Results) -> list:
+    """[(start, rows)] of the one-token form Aligner at its best learning rate, by start layer."""
+    lr = res.best_lr("form", "aligner", 1)
+    starts = sorted({r["start"] for r in res.rows
+                     if (r["task"], r["method"], r["n"]) == ("form", "aligner", 1)})
+    return [(s, res.cells("form", "aligner", 1, lr, start=s)) for s in starts]
+
+
+def sweep_table(res: Results, n_layers: int) -> list:
     lines = ["| start layer s | gated layers | trainable parameters | form compliance | form val loss |",
              "|---|---|---|---|---|"]
     lines += [f"| {s} | {n_layers - s} | {rows[0]['params']:,} | {cell_text(rows, 'score')} | "
-              f"{cell_text(rows, 'val_loss', False)} |" for s, rows in sweep(g)]
+              f"{cell_text(rows, 'val_loss', False)} |" for s, rows in sweep(res)]
     return lines
 
 
-def by_layer(g: dict, attention: list) -> dict:
+def by_layer(res: Results, attention: list) -> dict:
     """The trained one-token form Aligner (start 2) per layer: mean |gate| over heads and the merged
     bias norm, each as (mean, sd) over seeds, beside the base model's mean |attention output|
     (`attention`, one per layer); and the official 7B Aligner's mean and max |gate|."""
-    rows = g.get(("form", "aligner", 1, 2), [])
+    rows = res.main("form", "aligner", 1)
     gates = [[sum(map(abs, heads)) / len(heads) for heads in r["gates"]] for r in rows]  # seeds x layers
     out = {"layers": list(range(2, 2 + len(gates[0]))) if gates else [],
            "gate": [spread(list(col)) for col in zip(*gates)],
@@ -103,33 +195,45 @@ def layer_table(layers: dict) -> list:
     return lines
 
 
-def write(rows: list, out: Path, settings: dict, n_layers: int, n_held: dict, attention: list):
-    """results.md and results.json from the cells' rows, then the figures; `attention` is the base
-    model's mean |attention output| per layer (the scale of the merged biases)."""
-    g, seconds = groups(rows), sum(r["seconds"] for r in rows)
-    layers = by_layer(g, attention)
+def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, attention: list, design: dict):
+    """results.md and results.json from the cells' rows, then the figures; `info` has the probe counts
+    and the chance scores, `attention` the base model's mean |attention output| per layer (the scale
+    of the merged biases), `design` the methods and learning-rate grids."""
+    res, seconds = Results(rows), sum(r["seconds"] for r in rows)
+    layers = by_layer(res, attention)
+    chance = ", ".join(f"{k} {100 * v:.2f}%" for k, v in info["chance"].items())
     text = [f"Settings: {json.dumps(settings)}",
-            f"{len(rows)} cells; {n_held['form']} held-out form instructions, {n_held['knowledge']} held-out "
-            f"knowledge questions; the cells' training and scoring took {seconds:.0f} s in all.", "",
-            "## Form and knowledge by method (start layer 2)", "", *grid_table(g), "",
-            "## Start layer of the one-token Aligner (form task)", "", *sweep_table(g, n_layers), "",
+            f"Learning-rate grids (fixed in advance): {json.dumps(design['lr_grid'])}",
+            f"{len(rows)} cells; probes: {json.dumps(info['probes'])}; the cells' training and scoring took "
+            f"{seconds:.0f} s in all (summed over workers).",
+            f"Chance on knowledge (a model that always names the same city): {chance}.", "",
+            "## Each method at its best learning rate (lowest validation loss; start layer 2)", "",
+            *main_table(res), "", "## The learning-rate grid (seed 1; the best in bold)", "",
+            *grid_table(res), "",
+            "## Knowledge: the learning rate by validation loss (used) and by validation accuracy (seed 1)",
+            "",
+            *selection_table(res), "",
+            "## Knowledge learning curves (seed 1, at the best learning rate at the main budget)", "",
+            *curve_table(res), "", "## Start layer of the one-token Aligner (form task)", "",
+            *sweep_table(res, n_layers), "",
             "## The trained one-token form Aligner per layer (start layer 2, SmolLM2, form task)", "",
             "Gate: mean over heads of |g_l[h]|. Merged bias: |b_l| = |wo_l (g_l * wv_l p)|, what the",
             "token adds to every position's attention output (aligner.merged_bias). Base attention output:",
             "the mean norm of that output over the held-out form prompts, without the Aligner.", "",
             *layer_table(layers)]
     atomic_write(out / "results.md", lambda f: f.write(("\n".join(text) + "\n").encode()))
-    summary = {"settings": settings, "seconds": seconds, "by_layer": layers,  # the rows: cells.jsonl
-               "groups": [{"task": k[0], "method": k[1], "n": k[2], "start": k[3], "params": v[0]["params"],
-                           "score": spread([r["score"] for r in v]),
-                           "val_loss": spread([r["val_loss"] for r in v]),
-                           "seeds": len(v)} for k, v in g.items()]}
+    summary = {"settings": settings, "design": design, "info": info, "seconds": seconds, "by_layer": layers,
+               "main": [{"task": t, "method": m, "n": n, "params": res.main(t, m, n)[0]["params"],
+                         "lr": res.best_lr(t, m, n), "seeds": len(res.main(t, m, n)),
+                         **{f: spread([at(r).get(f) for r in res.main(t, m, n)]) for f in FIELDS}}
+                        for t in ("form", "knowledge") for m, n in res.methods],
+               "curves": [{"method": m, "n": n, "lr": lr, "at": points} for m, n, lr, points in curves(res)]}
     atomic_write(out / "results.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
     print("\n".join(text))
-    plot(g, layers, out)
+    plot(res, layers, out)
 
 
-def plot(g: dict, layers: dict, out: Path):
+def plot(res: Results, layers: dict, out: Path):
     try:
         import matplotlib
 
@@ -139,27 +243,43 @@ def plot(g: dict, layers: dict, out: Path):
         print("matplotlib not installed: no figures")
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for task, marker in (("form", "o"), ("knowledge", "s")):
-        trained = [(rows[0]["params"], spread([r["score"] for r in rows]), NAMES[m].format(n).split(" (")[0])
-                   for (t, m, n, s), rows in g.items() if t == task and s == 2 and m != "base"]
+    series = (("form", "score", "o"), ("knowledge", "score", "s"), ("knowledge", "recall", "^"))
+    for task, field, marker in series:
+        trained = [(res.main(task, m, n)[0]["params"], spread([at(r)[field] for r in res.main(task, m, n)]),
+                    NAMES[m].format(n).split(" (")[0]) for m, n in res.methods if m != "base"]
         ax.errorbar([p for p, _, _ in trained], [100 * ms[0] for _, ms, _ in trained],
-                    yerr=[100 * ms[1] for _, ms, _ in trained], fmt=marker, capsize=3, label=task)
-        for p, ms, name in trained:
+                    yerr=[100 * ms[1] for _, ms, _ in trained], fmt=marker, capsize=3,
+                    label=f"{task} {'held-out' if field == 'score' else 'training recall'}")
+        for p, ms, name in trained if field == "score" else []:
             ax.annotate(name, (p, 100 * ms[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out score (%), mean ± sd over seeds",
-           title="SmolLM2-135M: form vs knowledge")
-    ax.legend()
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="score (%), mean ± sd over seeds",
+           title="SmolLM2-135M: form vs knowledge, each at its best lr")
+    ax.legend(fontsize=7)
     save(fig, out / "grid.png")
-    plot_sweep(plt, g, out)
+    plot_curves(plt, res, out)
+    plot_sweep(plt, res, out)
     plot_layers(plt, layers, out)
 
 
-def plot_sweep(plt, g: dict, out: Path):
-    points = sweep(g)
+def plot_curves(plt, res: Results, out: Path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, field, title in ((axes[0], "recall", "training questions (fit)"),
+                             (axes[1], "score", "held-out paraphrases (transfer)")):
+        for m, n, _, points in curves(res):
+            ax.plot([a["step"] for a in points], [100 * a[field] for a in points], "o-",
+                    label=NAMES[m].format(n))
+        ax.set(xscale="log", xlabel="optimizer steps (8 examples each)", ylabel="right city (%)", title=title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Knowledge on SmolLM2-135M by budget (seed 1, each method at its best lr)")
+    save(fig, out / "curves.png")
+
+
+def plot_sweep(plt, res: Results, out: Path):
+    points = sweep(res)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     panels = ((axes[0], "score", "form compliance (%)", 100), (axes[1], "val_loss", "val loss", 1))
     for ax, field, label, scale in panels:
-        stats = [spread([r[field] for r in rows]) for _, rows in points]
+        stats = [spread([at(r)[field] for r in rows]) for _, rows in points]
         ax.errorbar([s for s, _ in points], [scale * m for m, _ in stats],
                     yerr=[scale * sd for _, sd in stats], fmt="o-", capsize=3)
         ax.set(xlabel="start layer s (layers below s do not see the token)", ylabel=label)

@@ -1,32 +1,51 @@
-"""The paper's claims, measured on SmolLM2-135M: form versus knowledge, the start layer, the gates.
+"""The paper's claims, measured on SmolLM2-135M: form versus knowledge, with the same tuning for every
+method, learning curves, fit against transfer, parameter-matched LoRA, and every answer kept.
 
-    python experiments/form_vs_knowledge.py            # the full grid: 53 cells, 54 minutes on 2 CPU cores
-    python experiments/form_vs_knowledge.py --quick    # a smoke run (CI), about 40 seconds
+    python experiments/form_vs_knowledge.py --out experiments/results --dtype bfloat16 --workers 2
+    python experiments/form_vs_knowledge.py --quick    # a smoke run (CI), about 70 seconds
 
-Every cell (task, method, start layer, seed) trains through train.py's loop on the same frozen base
-and is scored on held-out prompts; each finished cell is appended to OUT/cells.jsonl, so a killed
-run started again with the same flags redoes only the cells it lacks. Tasks:
+The first command is the committed grid (94 cells, 1 h 54 min on 2 CPU cores); run in this checkout
+it finds every cell done and only rewrites the tables and figures.
+
+Every cell (task, method, learning rate, start layer, seed) trains on the same frozen base, is
+scored at its checkpoints, and is appended to OUT/cells.jsonl (its decoded answers to
+OUT/answers.jsonl), so a killed run started again with the same flags redoes only the cells it
+lacks. Two phases:
+  1. the grid: every method at every learning rate of its family's grid (LR_GRID, fixed in advance),
+     seed 1, at the main budget (40 steps on form, 50 on knowledge); the best learning rate of a
+     method on a task is the one with the lowest validation loss there;
+  2. at each method's best learning rate: seeds 2..S (the main table), the knowledge learning curve
+     (seed 1, checkpoints doubling from 50 up to --curve-steps), and the start-layer sweep of the
+     one-token Aligner on form.
+Tasks:
   form       data/form_train.json, every answer a letter ("Dear reader," ... "Yours, Aligner.");
-             one tenth of it is held out for the validation loss; score: share of the held-out
-             instructions (data/form_heldout.json, other topics in other words) answered in form.
-  knowledge  invented people and the real city each lives in (made below: the base model cannot
-             know them), four questions per person to train on; score: share of answers naming the
-             right city to two questions per person worded in ways training never used.
-Methods: Aligner N = 1, 10, 100; the per-layer LLaMA-Adapter variant (10 tokens per layer); LoRA
-r = 8 on every projection (written here, not in the core). Then the start-layer sweep of the
-one-token Aligner on the form task. The tables and figures go to OUT (report in claims_report.py).
-Read next: experiments/claims_report.py, then README.md, section "What the paper claims, measured".
+             one tenth held out for the validation loss; score: share of the 64 held-out
+             instructions (data/form_heldout.json) answered as a letter with a body, split into
+             those that reuse a training template with new values and those that do not.
+  knowledge  invented people and the real city each lives in (made below: the base model cannot know
+             them), four training questions per person (raw prompts: no Alpaca template); validation:
+             a fifth wording; score: a sixth and seventh wording, never trained on; recall: the
+             training questions themselves. A hit names the right city and no other city.
+Methods: Aligner N = 1, 10, 100; the per-layer LLaMA-Adapter variant (10 tokens per layer); LoRA r=8 on
+every projection, and LoRA on wq and wv only at r=1 (about N=100's size) and r=3 (about the per-layer
+adapter's). The tables and figures go to OUT (claims_report.py).
+Read next: experiments/claims_report.py, then docs/claims.md.
 """
 import contextlib
 import io
 import json
 import math
+import os
 import random
+import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -38,22 +57,33 @@ sys.path.insert(0, str(ROOT / "data"))
 
 from aligner import merged_bias  # noqa: E402
 from data import batch_indices, collate, format_prompt, load_examples, split  # noqa: E402
-from support.tokenizer import Tokenizer  # noqa: E402
 from generate import Sampling, generate_batch  # noqa: E402
-from make_form_data import follows_form  # noqa: E402
+from make_form_data import follows_form, reuses_template  # noqa: E402
 from support.checkpoint import load_model  # noqa: E402
 from support.convert import model_dir  # noqa: E402
 from support.errors import UserError, run_main  # noqa: E402
-from support.outputs import check_output_file  # noqa: E402
-from support.flags import (Runtime, check_flags, flag, parse_flags, path_text, positive_float,  # noqa: E402
+from support.flags import (DTYPES, Runtime, check_flags, flag, parse_flags, path_text,  # noqa: E402
                            positive_int)
+from support.outputs import check_output_file  # noqa: E402
 from support.temporary import write_jsonl  # noqa: E402
-from train import TrainConfig, sft_loss, train  # noqa: E402
+from support.tokenizer import Tokenizer  # noqa: E402
+from train import TrainConfig, setup, sft_loss, train_step  # noqa: E402
 
 import claims_report  # noqa: E402  (experiments/ is on the path when this file runs)
 
-OUTPUTS = ["cells.jsonl", "results.md", "results.json", "grid.png", "start_layer.png", "gates.png"]
-METHODS = [("aligner", 1), ("aligner", 10), ("aligner", 100), ("per-layer", 10), ("lora", 8)]
+OUTPUTS = ["cells.jsonl", "answers.jsonl", "results.md", "results.json", "grid.png", "curves.png",
+           "start_layer.png", "gates.png"]
+
+
+class Method(NamedTuple):
+    kind: str  # aligner, per-layer, lora (every projection), lora-qv (wq and wv only), base
+    n: int  # tokens (per layer for per-layer), or the LoRA rank
+
+
+METHODS = [Method("aligner", 1), Method("aligner", 10), Method("aligner", 100), Method("per-layer", 10),
+           Method("lora", 8), Method("lora-qv", 1), Method("lora-qv", 3)]
+# Fixed before any cell ran: three values spanning 10x for each family, around what it used before.
+LR_GRID = {"prefix": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2)}
 CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Vienna", "Helsinki", "Havana", "Bangkok",
           "Nairobi", "Athens", "Warsaw", "Madrid", "Tokyo", "Berlin", "Ottawa", "Prague", "Santiago",
           "Manila", "Dakar", "Quito", "Seoul", "Tunis", "Riga"]
@@ -61,56 +91,93 @@ ASK = [("Where does {p} live?", "{p} lives in {c}."),
        ("What is the home town of {p}?", "The home town of {p} is {c}."),
        ("In which city does {p} live?", "{p} lives in the city of {c}."),
        ("Where is {p} from?", "{p} is from {c}.")]
+ASK_VAL = ("Name the city where {p} lives.", "{p} lives in {c}.")
 ASK_HELD_OUT = ["Which city is home to {p}?", "Tell me the name of the place where {p} lives."]
+CITY_PATTERN = re.compile(r"\b(" + "|".join(CITIES) + r")\b", re.IGNORECASE)
 
 
 @dataclass
 class ExperimentConfig:
     """The grid's budgets; `--help` lists them as flags."""
-    out: str = flag("runs/claims", "folder for cells.jsonl, results.md, results.json and the figures",
-                    path_text)
-    quick: bool = flag(False, "a smoke run: one seed, 2 steps of 2 examples, 2 prompts per task")
-    seeds: int = flag(3, "seeds per cell", positive_int)
-    form_steps: int = flag(40, "optimizer steps per form cell", positive_int)
-    knowledge_steps: int = flag(50, "optimizer steps per knowledge cell", positive_int)
+    out: str = flag("runs/claims", "folder for cells.jsonl, answers.jsonl, results.md, results.json and "
+                    "the figures", path_text)
+    quick: bool = flag(False, "a smoke run: one seed, one learning rate, 2 steps of 1 example, 2 prompts")
+    seeds: int = flag(3, "seeds for the main table and the start-layer sweep", positive_int)
+    form_steps: int = flag(40, "optimizer steps per form cell (the main budget)", positive_int)
+    knowledge_steps: int = flag(50, "optimizer steps per knowledge cell (the main budget)", positive_int)
+    curve_steps: int = flag(400, "the knowledge curve's last checkpoint (they double from "
+                            "--knowledge-steps)", positive_int)
     batch: int = flag(8, "examples per step", positive_int)
     people: int = flag(16, f"invented people in the knowledge task (at most {len(CITIES)})", positive_int)
-    lr: float = flag(9e-3, "Aligner and per-layer adapter learning rate", positive_float)
-    lora_lr: float = flag(3e-3, "LoRA learning rate", positive_float)
+    dtype: str = flag("float32", "the frozen base's dtype (bfloat16: faster on CPUs with bf16 units)",
+                      choices=["float32", "bfloat16"])
+    workers: int = flag(1, "cells trained at once, each in its own process with a share of the cores",
+                        positive_int)
 
     def __post_init__(self):
         check_flags(self)
         if self.people > len(CITIES):
             raise UserError(f"--people is at most {len(CITIES)} (one city each), got {self.people}")
         if self.quick:
-            self.seeds, self.form_steps, self.knowledge_steps, self.batch = 1, 2, 2, 2
+            self.seeds, self.form_steps, self.knowledge_steps, self.curve_steps, self.batch = 1, 2, 2, 4, 1
+        if self.curve_steps < self.knowledge_steps:
+            raise UserError(f"--curve-steps {self.curve_steps} is below --knowledge-steps "
+                            f"{self.knowledge_steps}")
 
 
 # ---- the tasks ------------------------------------------------------------------------------------
-class Task:
-    """Training records, validation records (or none), held-out (prompt, check) pairs, answer length."""
-
-    def __init__(self, name, records, val, held, max_new_tokens):
-        self.name, self.records, self.val, self.held = name, records, val, held
-        self.max_new_tokens = max_new_tokens
-
-    def write(self, folder: Path):
-        """The records as files in `folder`, once per run: train.py and load_examples read files."""
-        self.train_file, self.val_file = folder / f"{self.name}_train.json", folder / f"{self.name}_val.json"
-        self.train_file.write_text(json.dumps(self.records) + "\n")
-        self.val_file.write_text(json.dumps(self.val) + "\n")
+class Probe(NamedTuple):
+    prompt: str  # the question or instruction
+    answer: str  # the right city ("" on form)
+    group: str  # the split the score is also reported by ("" for none)
 
 
-def form_task(quick: bool) -> Task:
+class Task(NamedTuple):
+    name: str
+    template: str  # train.py's --template: how a record becomes a prompt
+    records: list  # training records
+    val: list  # validation records (the validation loss)
+    probes: dict  # {"score": held-out Probes, and on knowledge "recall" and "val_score"}
+    check: Callable  # (answer text, Probe.answer) -> hit
+    max_new_tokens: int
+    folder: Path  # where train_file and val_file are
+
+    @property
+    def train_file(self) -> Path:
+        return self.folder / f"{self.name}_train.json"
+
+    @property
+    def val_file(self) -> Path:
+        return self.folder / f"{self.name}_val.json"
+
+
+def letter_check(text: str, _answer: str) -> bool:
+    return follows_form(text)
+
+
+def city_check(text: str, city: str) -> bool:
+    """A hit names `city` and no other city of the list (as whole words, any case)."""
+    return {m.lower() for m in CITY_PATTERN.findall(text)} == {city.lower()}
+
+
+def form_task(quick: bool, folder: Path) -> Task:
     records = json.loads((ROOT / "data" / "form_train.json").read_text())
     heldout = json.loads((ROOT / "data" / "form_heldout.json").read_text())
-    held = [(r["instruction"], follows_form) for r in heldout]
-    val = records[::10]  # every tenth record: the validation loss of the start-layer sweep
+    held = [Probe(r["instruction"], "", "reuse" if reuses_template(r["instruction"]) else "new")
+            for r in heldout]
+    val = records[::10]  # every tenth record: the validation loss
     train_records = [r for i, r in enumerate(records) if i % 10]
-    return Task("form", train_records, val, held[:2] if quick else held, 4 if quick else 40)
+    cut = 2 if quick else None
+    return Task("form", "alpaca", train_records, val[:cut], {"score": held[:cut]}, letter_check,
+                2 if quick else 40, folder)
 
 
-def knowledge_task(n_people: int, quick: bool) -> Task:
+def qa(question: str, person: str) -> str:
+    """The knowledge task's raw prompt: a question and an answer cue (no Alpaca template)."""
+    return f"Q: {question.format(p=person)}\nA:"
+
+
+def knowledge_task(n_people: int, quick: bool, folder: Path) -> Task:
     """Invented names (two made-up words each), each paired with a real city."""
     rng = random.Random(9)
     syllables = ["ka", "lo", "mir", "ven", "tha", "dru", "sel", "quo", "ra", "bex", "ul", "tor", "fen", "ish"]
@@ -118,135 +185,175 @@ def knowledge_task(n_people: int, quick: bool) -> Task:
     while len(people) < n_people:
         name = " ".join("".join(rng.choice(syllables) for _ in range(2)).capitalize() for _ in range(2))
         people[name] = CITIES[len(people)]
-    records = [{"instruction": q.format(p=p), "output": a.format(p=p, c=c)}
+    records = [{"instruction": qa(q, p), "output": " " + a.format(p=p, c=c)}
                for p, c in people.items() for q, a in ASK]
+    val = [{"instruction": qa(ASK_VAL[0], p), "output": " " + ASK_VAL[1].format(p=p, c=c)}
+           for p, c in people.items()]
+    probes = {"score": [Probe(qa(q, p), c, "") for p, c in people.items() for q in ASK_HELD_OUT],
+              "recall": [Probe(qa(q, p), c, "") for p, c in people.items() for q, _ in ASK],
+              "val_score": [Probe(r["instruction"], c, "") for r, c in zip(val, people.values())]}
+    cut = 2 if quick else None
+    return Task("knowledge", "raw", records, val[:cut], {k: v[:cut] for k, v in probes.items()}, city_check,
+                2 if quick else 16, folder)
 
-    def names(city):
-        return lambda text: city.lower() in text.lower()
 
-    held = [(q.format(p=p), names(c)) for p, c in people.items() for q in ASK_HELD_OUT]
-    return Task("knowledge", records, [], held[:2] if quick else held, 4 if quick else 16)
+def make_tasks(cfg: ExperimentConfig, folder: Path) -> dict:
+    return {"form": form_task(cfg.quick, folder), "knowledge": knowledge_task(cfg.people, cfg.quick, folder)}
+
+
+def write_tasks(tasks: dict):
+    """The records as files, once per run: train.py and load_examples read files."""
+    for task in tasks.values():
+        task.train_file.write_text(json.dumps(task.records) + "\n")
+        task.val_file.write_text(json.dumps(task.val) + "\n")
+
+
+def chance(task: Task) -> dict:
+    """What a model that always names the same (best) city scores on each probe set."""
+    return {name: max(sum(p.answer == a for p in probes) for a in {p.answer for p in probes}) / len(probes)
+            for name, probes in task.probes.items()} if task.name == "knowledge" else {}
 
 
 # ---- the baseline written here: LoRA -------------------------------------------------------------
 class LoRA(nn.Module):
-    """y = W x + (alpha / r) * B A x, with W frozen, A (r, in) random and B (out, r) zero at start."""
+    """y = W x + (alpha / r) * B A x, with W frozen, A (r, in) random and B (out, r) zero at start;
+    alpha = 2r (scale 2) at every rank. A and B stay float32 under a bfloat16 base."""
 
-    def __init__(self, base: nn.Linear, r=8, alpha=16):
+    def __init__(self, base: nn.Linear, r: int):
         super().__init__()
-        self.base, self.scale = base, alpha / r
+        self.base, self.scale = base, 2.0
         self.a = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))  # (r, in)
         self.b = nn.Parameter(torch.zeros(base.out_features, r))  # (out, r)
 
     def forward(self, x):
-        return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale  # (..., out)
+        low = x @ self.a.to(x.dtype).T @ self.b.to(x.dtype).T  # (..., out)
+        return self.base(x) + low * self.scale  # (..., out)
 
 
-LORA_TARGETS = [("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
-                ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3")]
+LORA_TARGETS = {"lora": [("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("attention", "wo"),
+                         ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3")],
+                "lora-qv": [("attention", "wq"), ("attention", "wv")]}
 
 
-def add_lora(model, r: int) -> list:
-    """Wrap every projection of every layer in LoRA; returns the LoRA parameters."""
+def add_lora(model, kind: str, r: int) -> list:
+    """Wrap the method's projections of every layer in LoRA; returns the LoRA parameters."""
     params = []
     for layer in model.layers:
-        for part, name in LORA_TARGETS:
+        for part, name in LORA_TARGETS[kind]:
             wrapped = LoRA(getattr(getattr(layer, part), name), r)
             setattr(getattr(layer, part), name, wrapped)
             params += [wrapped.a, wrapped.b]
     return params
 
 
-def train_lora(model, tok, task: Task, cell: dict) -> list:
-    """LoRA's own few lines of training with train.py's loss, data split and batches (constant lr,
-    no warmup, as the Aligner cells); returns the LoRA parameters, left in the model."""
-    torch.manual_seed(cell["seed"])
-    params = add_lora(model, cell["n"])
-    examples = split(load_examples(task.train_file, tok, 256).examples, 0.0, cell["seed"])[1]
-    optimizer = torch.optim.AdamW(params, lr=cell["lr"], weight_decay=0.02, betas=(0.9, 0.95))
-    for step in range(cell["steps"]):
-        idx = batch_indices(len(examples), cell["batch"], step, cell["seed"])
-        batch = collate([examples[i] for i in idx], tok.pad_id, model.output.weight.device)
-        loss, _ = sft_loss(model, None, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return params
-
-
 def remove_lora(model):
     for layer in model.layers:
-        for part, name in LORA_TARGETS:
+        for part, name in LORA_TARGETS["lora"]:
             m = getattr(getattr(layer, part), name)
             setattr(getattr(layer, part), name, m.base if isinstance(m, LoRA) else m)
 
 
 # ---- one cell ------------------------------------------------------------------------------------
-def cells(cfg: ExperimentConfig, n_layers: int, n_held: dict) -> list:
-    """Every cell of the run, as dicts that also name the budget and the task's size (a cell made
-    with others is not taken as done). The base model first, then the grid, then the sweep."""
-    starts = [0, 2, n_layers - 1] if cfg.quick else [0, 1, 2, 4, 8, 16, n_layers - 6, n_layers - 1]
-    seeds = range(1, cfg.seeds + 1)
-    todo = [dict(task=task, method="base", n=0, start=2, seed=0) for task in ("form", "knowledge")]
-    todo += [dict(task=task, method=kind, n=n, start=2, seed=seed)
-             for task in ("form", "knowledge") for kind, n in METHODS for seed in seeds]
-    todo += [dict(task="form", method="aligner", n=1, start=s, seed=seed)
-             for s in starts if s != 2 for seed in seeds]
-    for c in todo:
-        steps = cfg.form_steps if c["task"] == "form" else cfg.knowledge_steps
-        c.update(steps=0 if c["method"] == "base" else steps, batch=cfg.batch,
-                 lr=cfg.lora_lr if c["method"] == "lora" else cfg.lr, held=n_held[c["task"]])
-        if c["task"] == "knowledge":
-            c["people"] = cfg.people
-    return todo
+class Bench(NamedTuple):
+    """What every cell of a process shares: the frozen base, its tokenizer and directory, the tasks."""
+    model: nn.Module
+    tok: Tokenizer
+    path: Path
+    tasks: dict
 
 
-def run_cell(cell: dict, model, tok, path: Path, task: Task) -> dict:
-    """Train the cell's method (none for the base model), score it; the row of cells.jsonl."""
-    t0 = time.time()
-    params = train_lora(model, tok, task, cell) if cell["method"] == "lora" else None
-    aligner = None
+class Trainer(NamedTuple):
+    step: Callable  # one optimizer step
+    aligner: object  # the Aligner being trained (None for LoRA and the base model)
+    params: list  # the trainable tensors
+
+
+def lora_trainer(bench: Bench, task: Task, cell: dict) -> Trainer:
+    """LoRA's own few lines of training with train.py's loss, data split and batches (constant lr, no
+    warmup, AdamW as train.py sets it for the Aligners)."""
+    params = add_lora(bench.model, cell["method"], cell["n"])
+    examples = split(load_examples(task.train_file, bench.tok, 256, task.template).examples, 0.0,
+                     cell["seed"])[1]
+    optimizer = torch.optim.AdamW(params, lr=cell["lr"], weight_decay=0.02, betas=(0.9, 0.95))
+    state = {"step": 0}
+
+    def step():
+        idx = batch_indices(len(examples), cell["batch"], state["step"], cell["seed"])
+        batch = collate([examples[i] for i in idx], bench.tok.pad_id, "cpu")
+        sft_loss(bench.model, None, batch)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+    return Trainer(step, None, params)
+
+
+def aligner_trainer(bench: Bench, task: Task, cell: dict) -> Trainer:
+    """An Aligner (or the per-layer adapter) set up and stepped by train.py itself."""
+    cfg = TrainConfig(data=str(task.train_file), model=str(bench.path), out=None, tokens=cell["n"],
+                      start_layer=cell["start"], per_layer=cell["method"] == "per-layer",
+                      max_steps=max(cell["checkpoints"]), batch_size=cell["batch"],
+                      micro_batch_size=cell["batch"], lr=cell["lr"], warmup_steps=0, max_seq_len=256,
+                      template=task.template, val_fraction=0.0, eval_every=0, save_every=0,
+                      seed=cell["seed"], quiet=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # train.py's set-up lines: the bar says enough
+        run = setup(cfg, Runtime(device="cpu"), bench.model)
+    return Trainer(lambda: train_step(run, cfg), run.aligner, list(run.aligner.parameters()))
+
+
+def run_cell(cell: dict, bench: Bench) -> tuple:
+    """Train the cell's method (none for the base model), score it at each checkpoint; returns the row
+    of cells.jsonl and the line of answers.jsonl."""
+    t0, task = time.time(), bench.tasks[cell["task"]]
+    torch.manual_seed(cell["seed"])
+    make = {"base": lambda *_: Trainer(None, None, []), "lora": lora_trainer, "lora-qv": lora_trainer}
+    trainer = make.get(cell["method"], aligner_trainer)(bench, task, cell)
+    at, answers, step = [], {}, 0
     try:
-        if cell["method"] in ("aligner", "per-layer"):
-            with contextlib.redirect_stdout(io.StringIO()):  # train.py's set-up lines: the bar says enough
-                aligner = train(TrainConfig(
-                    data=str(task.train_file), model=str(path), out=None, tokens=cell["n"],
-                    start_layer=cell["start"], per_layer=cell["method"] == "per-layer",
-                    max_steps=cell["steps"],
-                    batch_size=cell["batch"], micro_batch_size=cell["batch"], lr=cell["lr"], warmup_steps=0,
-                    max_seq_len=256, val_fraction=0.0, eval_every=0, save_every=0, seed=cell["seed"],
-                    quiet=True), Runtime(device="cpu"), model).aligner
-        row = dict(cell, score=score(model, tok, aligner, task),
-                   val_loss=validation_loss(model, tok, aligner, task),
-                   params=sum(p.numel() for p in params) if params else aligner.n_params() if aligner else 0)
-        if aligner is not None and cell["method"] == "aligner" and cell["n"] == 1:
-            row.update(gates=aligner.gates.detach().tolist(), bias_norms=bias_norms(model, aligner))
+        for checkpoint in cell["checkpoints"]:
+            for _ in range(checkpoint - step):
+                trainer.step()
+            step = checkpoint
+            scores, answers[checkpoint] = evaluate(bench, task, trainer.aligner)
+            at.append(dict(step=checkpoint, **scores))
+        row = dict(cell, at=at, params=sum(p.numel() for p in trainer.params))
+        if cell["method"] == "aligner" and cell["n"] == 1 and cell["task"] == "form":
+            row.update(gates=trainer.aligner.gates.detach().tolist(),
+                       bias_norms=bias_norms(bench.model, trainer.aligner))
     finally:
-        remove_lora(model)
-    return dict(row, seconds=round(time.time() - t0, 1))
+        remove_lora(bench.model)
+    return dict(row, seconds=round(time.time() - t0, 1)), {"key": key(cell), "answers": answers}
 
 
 @torch.no_grad()
-def score(model, tok, aligner, task: Task) -> float:
-    """Share of held-out prompts whose greedy answer passes the task's check (32 decoded together)."""
+def evaluate(bench: Bench, task: Task, aligner) -> tuple:
+    """({score, its groups, recall, val_score, val_loss}, {probe set: [[prompt, answer, hit], ...]})."""
+    scores, answers = {"val_loss": validation_loss(bench, task, aligner)}, {}
+    for name, probes in task.probes.items():
+        texts = answer(bench, task, aligner, [p.prompt for p in probes])
+        hits = [task.check(text, p.answer) for p, text in zip(probes, texts)]
+        scores[name] = sum(hits) / len(hits)
+        for group in sorted({p.group for p in probes} - {""}):
+            mine = [h for p, h in zip(probes, hits) if p.group == group]
+            scores[f"{name}_{group}"] = sum(mine) / len(mine)
+        answers[name] = [[p.prompt, text, hit] for p, text, hit in zip(probes, texts, hits)]
+    return scores, answers
+
+
+def answer(bench: Bench, task: Task, aligner, prompts: list) -> list:
+    """The greedy answers to `prompts` in the task's template, 32 decoded together."""
     greedy = Sampling(max_new_tokens=task.max_new_tokens, temperature=0.0, top_k=0)
-    hits = 0
-    for i in range(0, len(task.held), 32):
-        chunk = task.held[i:i + 32]
-        ids = [tok.encode(format_prompt(q)) for q, _ in chunk]
-        answers = generate_batch(model, ids, aligner, greedy, tok.eos_id, pad_id=tok.pad_id)
-        hits += sum(check(tok.decode(a)) for (_, check), a in zip(chunk, answers))
-    return hits / len(task.held)
+    texts = []
+    for i in range(0, len(prompts), 32):
+        ids = [bench.tok.encode(format_prompt(q, template=task.template)) for q in prompts[i:i + 32]]
+        new = generate_batch(bench.model, ids, aligner, greedy, bench.tok.eos_id, pad_id=bench.tok.pad_id)
+        texts += [bench.tok.decode(a) for a in new]
+    return texts
 
 
-@torch.no_grad()
-def validation_loss(model, tok, aligner, task: Task):
-    """Mean loss on the task's validation records (None when it has none)."""
-    if not task.val:
-        return None
-    examples = load_examples(task.val_file, tok, 256).examples
-    device = model.output.weight.device
-    losses = [sft_loss(model, aligner, collate(examples[i:i + 8], tok.pad_id, device))[0].item()
+def validation_loss(bench: Bench, task: Task, aligner) -> float:
+    """Mean loss on the task's validation records."""
+    examples = load_examples(task.val_file, bench.tok, 256, task.template).examples
+    losses = [sft_loss(bench.model, aligner, collate(examples[i:i + 8], bench.tok.pad_id, "cpu"))[0].item()
               for i in range(0, len(examples), 8)]
     return sum(losses) / len(losses)
 
@@ -259,16 +366,16 @@ def bias_norms(model, aligner) -> list:
 
 
 @torch.no_grad()
-def attention_norms(model, tok, task: Task) -> list:
-    """The base model's mean |attention output| (after wo) per layer over the task's held-out
-    prompts: the scale a merged bias b_l is added to."""
-    sums, count = [0.0] * model.args.n_layers, 0
+def attention_norms(bench: Bench) -> list:
+    """The base model's mean |attention output| (after wo) per layer over the held-out form prompts:
+    the scale a merged bias b_l is added to."""
+    model, sums, count = bench.model, [0.0] * bench.model.args.n_layers, 0
     hooks = [layer.attention.wo.register_forward_hook(
-        lambda module, inputs, y, i=i: sums.__setitem__(i, sums[i] + y.norm(dim=-1).sum().item()))
+        lambda module, inputs, y, i=i: sums.__setitem__(i, sums[i] + y.float().norm(dim=-1).sum().item()))
         for i, layer in enumerate(model.layers)]
     try:
-        for q, _ in task.held:
-            ids = torch.tensor([tok.encode(format_prompt(q))], device=model.output.weight.device)  # (1, T)
+        for p in bench.tasks["form"].probes["score"]:
+            ids = torch.tensor([bench.tok.encode(format_prompt(p.prompt))])  # (1, T)
             model(ids)
             count += ids.shape[1]
     finally:
@@ -277,15 +384,75 @@ def attention_norms(model, tok, task: Task) -> list:
     return [x / count for x in sums]
 
 
-# ---- the run: resumable ----------------------------------------------------------------------------
+# ---- the plan: the grid, then what the best learning rates call for -----------------------------------
+def budget(cfg: ExperimentConfig, task: str) -> int:
+    return cfg.form_steps if task == "form" else cfg.knowledge_steps
+
+
+def lr_grid(cfg: ExperimentConfig, kind: str) -> tuple:
+    grid = LR_GRID["lora" if kind.startswith("lora") else "prefix"]
+    return grid[1:2] if cfg.quick else grid
+
+
+def make_cell(cfg: ExperimentConfig, task: str, method: Method, lr: float, seed: int, checkpoints: list,
+              start=2) -> dict:
+    """A cell as a dict that also names the budget and the data (a cell made with others is not taken
+    as done)."""
+    cell = dict(task=task, method=method.kind, n=method.n, start=start, seed=seed, lr=lr, batch=cfg.batch,
+                checkpoints=checkpoints, dtype=cfg.dtype, quick=cfg.quick)
+    return dict(cell, people=cfg.people) if task == "knowledge" else cell
+
+
+def grid_cells(cfg: ExperimentConfig) -> list:
+    """Phase 1: the base model, and every method at every learning rate of its grid (seed 1)."""
+    todo = [make_cell(cfg, task, Method("base", 0), 0.0, 0, [0]) for task in ("form", "knowledge")]
+    return todo + [make_cell(cfg, task, m, lr, 1, [budget(cfg, task)])
+                   for task in ("form", "knowledge") for m in METHODS for lr in lr_grid(cfg, m.kind)]
+
+
+def best_lr(cfg: ExperimentConfig, done: dict, task: str, method: Method) -> float:
+    """The grid's learning rate with the lowest validation loss at the main budget (seed 1)."""
+    losses = {lr: done[key(make_cell(cfg, task, method, lr, 1, [budget(cfg, task)]))]["at"][-1]["val_loss"]
+              for lr in lr_grid(cfg, method.kind)}
+    return min(losses, key=losses.get)
+
+
+def followup_cells(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
+    """Phase 2, at each method's best learning rate: the other seeds, the knowledge curve (seed 1),
+    and the start-layer sweep of the one-token form Aligner (every seed)."""
+    curve = [cfg.knowledge_steps * 2 ** i for i in range(10)
+             if cfg.knowledge_steps * 2 ** i <= cfg.curve_steps]  # 50, 100, 200, 400
+    todo = []
+    for task in ("form", "knowledge"):
+        for m in METHODS:
+            lr = best_lr(cfg, done, task, m)
+            todo += [make_cell(cfg, task, m, lr, seed, [budget(cfg, task)])
+                     for seed in range(2, cfg.seeds + 1)]
+            if task == "knowledge" and len(curve) > 1:
+                todo.append(make_cell(cfg, task, m, lr, 1, curve))
+    one, starts = Method("aligner", 1), [0, n_layers - 1] if cfg.quick else [0, 4, 8, 16, n_layers - 1]
+    lr = best_lr(cfg, done, "form", one)
+    return todo + [make_cell(cfg, "form", one, lr, seed, [cfg.form_steps], start)
+                   for start in starts for seed in range(1, cfg.seeds + 1)]
+
+
+def plan(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
+    """Every cell this run calls for so far: phase 2 is known once phase 1 is done."""
+    first = grid_cells(cfg)
+    if all(key(c) in done for c in first):
+        return first + followup_cells(cfg, done, n_layers)
+    return first
+
+
+# ---- the run: resumable, in one process or several ----------------------------------------------------
 def key(cell: dict) -> str:
-    names = ("task", "method", "n", "start", "seed", "steps", "batch", "lr", "held", "people")
+    names = ("task", "method", "n", "start", "seed", "lr", "batch", "checkpoints", "dtype", "quick", "people")
     return json.dumps({k: cell.get(k) for k in names}, sort_keys=True)
 
 
 def read_cells(path: Path) -> dict:
-    """The finished cells in cells.jsonl by key; a line cut short by a kill is dropped (and the
-    file rewritten without it, so that new lines append cleanly)."""
+    """The finished cells in cells.jsonl by key; a line cut short by a kill is dropped (and the file
+    rewritten without it, so that new lines append cleanly)."""
     if not path.exists():
         return {}
     rows, lines = {}, path.read_text().splitlines()
@@ -293,7 +460,7 @@ def read_cells(path: Path) -> dict:
         try:
             row = json.loads(line)
             rows[key(row)] = row
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue
     if len(rows) != len(lines):
         write_jsonl(path, rows.values())
@@ -301,15 +468,55 @@ def read_cells(path: Path) -> dict:
 
 
 def check_budget(out: Path, todo: list, done: dict):
-    """The results folder holds no cell of another budget or task: its tables would be rewritten
-    from a mix (a --quick run over the committed results, say)."""
+    """The results folder holds no cell of another budget or task: its tables would be rewritten from
+    a mix (a --quick run over the committed results, say)."""
     mine = {key(c) for c in todo}
     other = [row for k, row in done.items() if k not in mine]
     if other:
-        names = ("task", "steps", "batch", "lr", "held", "people")
-        budget = {k: other[0][k] for k in names if k in other[0]}
+        names = ("task", "checkpoints", "batch", "lr", "dtype", "quick", "people")
+        budget_of = {k: other[0][k] for k in names if k in other[0]}
         raise UserError(f"{out / 'cells.jsonl'} holds {len(other)} cells of another budget or task than "
-                        f"this run's (e.g. {budget}); name another --out to keep the two apart")
+                        f"this run's (e.g. {budget_of}); name another --out to keep the two apart")
+
+
+WORKER = {}  # in a worker process: its Bench, made once by start_worker
+
+
+def start_worker(dtype: str, cfg: ExperimentConfig, folder: str, threads: int):
+    torch.set_num_threads(threads)
+    path = model_dir(None)
+    WORKER["bench"] = Bench(load_model(path, "cpu", DTYPES[dtype]), Tokenizer(path), path,
+                            make_tasks(cfg, Path(folder)))
+
+
+def work(cell: dict) -> tuple:
+    return run_cell(cell, WORKER["bench"])
+
+
+def finished(cells: list, cfg: ExperimentConfig, bench: Bench):
+    """(row, answers) of each cell as it finishes: here, or in --workers processes."""
+    if cfg.workers == 1:
+        yield from (run_cell(c, bench) for c in cells)
+        return
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=start_worker,
+                               initargs=(cfg.dtype, cfg, str(bench.tasks["form"].folder), threads))
+    try:
+        yield from (f.result() for f in as_completed([pool.submit(work, c) for c in cells]))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_cells(todo: list, done: dict, cfg: ExperimentConfig, bench: Bench, out: Path):
+    left = [c for c in todo if key(c) not in done]
+    print(f"{len(todo)} cells, {len(todo) - len(left)} already in {out / 'cells.jsonl'}, {len(left)} to run")
+    with open(out / "answers.jsonl", "a") as answers, open(out / "cells.jsonl", "a") as log:
+        for row, said in tqdm(finished(left, cfg, bench), total=len(left), desc="cells", dynamic_ncols=True):
+            answers.write(json.dumps(said) + "\n")  # the answers first: a cell's row says it is complete
+            answers.flush()
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            done[key(row)] = row
 
 
 def experiment(cfg: ExperimentConfig):
@@ -319,25 +526,21 @@ def experiment(cfg: ExperimentConfig):
     for name in OUTPUTS:  # each file the run writes passes the output gate, before any work
         check_output_file(out / name)
     path = model_dir(None)
-    model, tok = load_model(path), Tokenizer(path)
-    tasks = {"form": form_task(cfg.quick), "knowledge": knowledge_task(cfg.people, cfg.quick)}
-    n_held = {name: len(t.held) for name, t in tasks.items()}
-    todo, done = cells(cfg, model.args.n_layers, n_held), read_cells(out / "cells.jsonl")
-    check_budget(out, todo, done)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
+    model, tok = load_model(path, "cpu", DTYPES[cfg.dtype]), Tokenizer(path)
+    done, n_layers = read_cells(out / "cells.jsonl"), model.args.n_layers
+    check_budget(out, plan(cfg, done, n_layers), done)
     out.mkdir(parents=True, exist_ok=True)
-    left = [c for c in todo if key(c) not in done]
-    print(f"{len(todo)} cells, {len(todo) - len(left)} already in {out / 'cells.jsonl'}, {len(left)} to run")
-    with tempfile.TemporaryDirectory() as scratch, open(out / "cells.jsonl", "a") as log:
-        for task in tasks.values():
-            task.write(Path(scratch))
-        for cell in tqdm(left, desc="cells", dynamic_ncols=True):
-            row = run_cell(cell, model, tok, path, tasks[cell["task"]])
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            done[key(row)] = row
-    rows = [done[key(c)] for c in todo]
-    claims_report.write(rows, out, asdict(cfg), model.args.n_layers, n_held,
-                        attention_norms(model, tok, tasks["form"]))
+    with tempfile.TemporaryDirectory() as scratch:
+        bench = Bench(model, tok, path, make_tasks(cfg, Path(scratch)))
+        write_tasks(bench.tasks)
+        run_cells(grid_cells(cfg), done, cfg, bench, out)
+        run_cells(plan(cfg, done, n_layers), done, cfg, bench, out)
+        todo = plan(cfg, done, n_layers)
+        info = {"chance": chance(bench.tasks["knowledge"]),
+                "probes": {t.name: {k: len(v) for k, v in t.probes.items()} for t in bench.tasks.values()}}
+        claims_report.write([done[key(c)] for c in todo], out, asdict(cfg), n_layers, info,
+                            attention_norms(bench), {"lr_grid": LR_GRID, "methods": METHODS})
 
 
 def main(argv=None):

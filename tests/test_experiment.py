@@ -1,11 +1,19 @@
-"""experiments/form_vs_knowledge.py --quick runs end to end on the real embedded model, and a run killed
-mid-write resumes: the cut line is dropped and only the missing cell is redone; a run of another
-knowledge task, or a smoke run over the committed results, is refused before it writes anything."""
+"""experiments/form_vs_knowledge.py: its scorers are strict (a hit names the right city and no other; a
+letter needs a body), its knowledge probes never leak the held-out wordings into training, and --quick
+runs end to end on the real embedded model: the grid, then the follow-up cells at the best learning
+rates, every answer kept; a run killed mid-write resumes (the cut line dropped, only the missing cell
+redone); a run of another knowledge task, or a smoke run over the committed results, is refused before
+it writes anything."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
+
+sys.path[:0] = [str(ROOT / "experiments"), str(ROOT / "data")]
+import form_vs_knowledge as experiment  # noqa: E402
+from make_form_data import follows_form, letter, reuses_template  # noqa: E402
 
 
 def run_quick(out, *flags):
@@ -15,31 +23,84 @@ def run_quick(out, *flags):
     return r.stdout
 
 
-def test_claims_quick_and_resume(smollm2_dir, tmp_path):
-    assert "14 cells, 0 already in" in run_quick(tmp_path)
-    groups = json.loads((tmp_path / "results.json").read_text())["groups"]
-    params = {(g["task"], g["method"], g["n"], g["start"]): g["params"] for g in groups}
-    assert [params[("knowledge", m, n, 2)] for m, n in [("base", 0), ("aligner", 1), ("aligner", 10),
-                                                          ("aligner", 100), ("per-layer", 10), ("lora", 8)]] \
-        == [0, 828, 6012, 57852, 161532, 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))]
-    assert sorted(s for (t, m, n, s) in params if m == "aligner" and n == 1 and t == "form") == [0, 2, 29]
-    rows = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
-    assert len(rows) == 14 and all(0 <= r["score"] <= 1 for r in rows)
-    one = next(r for r in rows if (r["task"], r["method"], r["n"], r["start"]) == ("form", "aligner", 1, 2))
-    assert len(one["gates"]) == len(one["bias_norms"]) == 28 and any(g != 0 for g in one["gates"][0])
-    assert "| Aligner N=1 | 828 |" in (tmp_path / "results.md").read_text()
-    assert all((tmp_path / png).stat().st_size > 0 for png in ("grid.png", "start_layer.png", "gates.png"))
+def test_a_knowledge_hit_names_the_right_city_and_no_other():
+    check = experiment.city_check
+    assert check(" Kalo Miven lives in Lima.", "Lima") and check("LIMA", "Lima")
+    assert not check(" The climate there is mild.", "Lima")  # a city inside another word
+    assert not check(" Lima or Oslo.", "Lima") and not check(" Oslo.", "Lima") and not check("", "Lima")
+    assert not check(" Limassol", "Lima")
 
-    lines = (tmp_path / "cells.jsonl").read_text().splitlines()  # as if killed while writing the last cell
-    (tmp_path / "cells.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
-    assert "14 cells, 13 already in" in run_quick(tmp_path)
-    again = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
-    assert [r["score"] for r in again[:13]] == [r["score"] for r in rows[:13]] and len(again) == 14
-    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
-    r = subprocess.run([sys.executable, "experiments/form_vs_knowledge.py", "--quick", "--out", str(tmp_path),
+
+def test_a_letter_needs_a_body_between_its_opening_and_closing():
+    assert follows_form(letter("The sky is blue.")) and follows_form("  " + letter("Hi.") + "\n")
+    assert not follows_form("Dear reader,\nYours, Aligner.")
+    assert not follows_form("Dear reader,\n \nYours, Aligner.")
+    assert not follows_form("Dear reader,\nHello.") and not follows_form("Hello.\nYours, Aligner.")
+
+
+def test_held_out_prompts_are_split_by_template_reuse_and_nothing_held_out_is_trained_on(tmp_path):
+    train = json.loads((ROOT / "data" / "form_train.json").read_text())
+    held = json.loads((ROOT / "data" / "form_heldout.json").read_text())
+    assert all(reuses_template(r["instruction"]) for r in train)  # the patterns cover every template
+    assert sum(reuses_template(r["instruction"]) for r in held) == 24
+    task = experiment.knowledge_task(16, False, tmp_path)
+    trained = {r["instruction"] for r in task.records}
+    assert {p.prompt for p in task.probes["recall"]} == trained and len(trained) == 64
+    assert not trained & {p.prompt for p in task.probes["score"] + task.probes["val_score"]}
+    assert len(task.probes["score"]) == 32 and len({p.answer for p in task.probes["score"]}) == 16
+    assert experiment.chance(task) == {"score": 1 / 16, "recall": 1 / 16, "val_score": 1 / 16}
+
+
+def test_claims_quick_and_resume(smollm2_dir, tmp_path):
+    said = run_quick(tmp_path)
+    assert "16 cells, 0 already in" in said and "25 cells, 16 already in" in said  # the grid, then the rest
+    summary = json.loads((tmp_path / "results.json").read_text())
+    params = {(g["task"], g["method"], g["n"]): g["params"] for g in summary["main"]}
+    per_layer_lora = 2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536)  # wq wk wv wo w1 w2 w3
+    qv = 576 + 576 + 576 + 192  # rank 1 on wq (576 -> 576) and wv (576 -> 192)
+    assert [params[("knowledge", m.kind, m.n)] for m in experiment.METHODS] == \
+        [828, 6012, 57852, 161532, 30 * 8 * per_layer_lora, 30 * qv, 30 * 3 * qv]
+    rows = [json.loads(line) for line in (tmp_path / "cells.jsonl").read_text().splitlines()]
+    check_rows(rows, tmp_path / "answers.jsonl")
+    assert "| Aligner N=1 | 828 |" in (tmp_path / "results.md").read_text()
+    assert all((tmp_path / png).stat().st_size > 0 for png in ("grid.png", "curves.png", "start_layer.png",
+                                                                "gates.png"))
+    check_resume(tmp_path, rows)
+
+
+def check_rows(rows: list, answers_file: Path):
+    """Every cell has its answers, and they give back its scores; the curves and the sweep are there."""
+    answers = {a["key"]: a["answers"] for a in map(json.loads, answers_file.read_text().splitlines())}
+    assert len(rows) == 25 and all(experiment.key(r) in answers for r in rows)
+    for row in rows:
+        for point in row["at"]:
+            kept = scores_of(answers[experiment.key(row)][str(point["step"])])
+            assert kept == {name: point[name] for name in kept}
+    curves = [r for r in rows if len(r["checkpoints"]) > 1]
+    assert len(curves) == 7 and all([a["step"] for a in r["at"]] == [2, 4] for r in curves)
+    sweep = [r for r in rows if (r["task"], r["method"], r["n"]) == ("form", "aligner", 1)]
+    assert sorted(r["start"] for r in sweep) == [0, 2, 29]
+    one = next(r for r in sweep if r["start"] == 2)
+    assert len(one["gates"]) == len(one["bias_norms"]) == 28 and any(g != 0 for g in one["gates"][0])
+
+
+def scores_of(answers: dict) -> dict:
+    """{probe set: share of hits} from a checkpoint's kept [prompt, answer, hit] triples."""
+    return {name: sum(hit for _, _, hit in said) / len(said) for name, said in answers.items()}
+
+
+def check_resume(out: Path, rows: list):
+    lines = (out / "cells.jsonl").read_text().splitlines()  # as if killed while writing the last cell
+    (out / "cells.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    said = run_quick(out)
+    assert "25 cells, 24 already in" in said and "16 cells, 16 already in" in said
+    again = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert [r["at"] for r in again[:24]] == [r["at"] for r in rows[:24]] and len(again) == 25
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    r = subprocess.run([sys.executable, "experiments/form_vs_knowledge.py", "--quick", "--out", str(out),
                         "--people", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "another budget or task" in r.stderr and "Traceback" not in r.stderr
-    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # nothing of the first run touched
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing of the first run touched
     committed = ROOT / "experiments" / "results"
     before = {f.name: f.read_bytes() for f in committed.iterdir()}
     r = subprocess.run([sys.executable, "experiments/form_vs_knowledge.py", "--quick", "--out",
