@@ -53,9 +53,10 @@ def cell_text(rows: list, field: str, percent=True) -> str:
 class Results:
     """The cells of one run, sorted into what the tables need."""
 
-    def __init__(self, rows: list):
+    def __init__(self, rows: list, best: list):
         self.rows = rows
         self.methods = list(dict.fromkeys((r["method"], r["n"]) for r in rows))
+        self.best = {(b["task"], b["method"], b["n"]): b["lr"] for b in best}
 
     def cells(self, task, method, n, lr=None, start=2, seed=None, curve=False) -> list:
         """The cells of a method at a start layer (and learning rate, seed); curves or single budgets."""
@@ -69,8 +70,8 @@ class Results:
         return {r["lr"]: r for r in self.cells(task, method, n, seed=0 if method == "base" else 1)}
 
     def best_lr(self, task, method, n) -> float:
-        grid = self.grid(task, method, n)
-        return min(grid, key=lambda lr: at(grid[lr])["val_loss"])
+        """The learning rate the experiment chose (form_vs_knowledge.best_lr); 0 for the base model."""
+        return self.best.get((task, method, n), 0.0)
 
     def main(self, task, method, n) -> list:
         """The cells at the best learning rate, every seed."""
@@ -198,8 +199,8 @@ def layer_table(layers: dict) -> list:
 def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, attention: list, design: dict):
     """results.md and results.json from the cells' rows, then the figures; `info` has the probe counts
     and the chance scores, `attention` the base model's mean |attention output| per layer (the scale
-    of the merged biases), `design` the methods and learning-rate grids."""
-    res, seconds = Results(rows), sum(r["seconds"] for r in rows)
+    of the merged biases), `design` the methods, learning-rate grids and the learning rates chosen."""
+    res, seconds = Results(rows, design["best"]), sum(r["seconds"] for r in rows)
     layers = by_layer(res, attention)
     chance = ", ".join(f"{k} {100 * v:.2f}%" for k, v in info["chance"].items())
     text = [f"Settings: {json.dumps(settings)}",

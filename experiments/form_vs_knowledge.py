@@ -539,8 +539,10 @@ def experiment(cfg: ExperimentConfig):
         todo = plan(cfg, done, n_layers)
         info = {"chance": chance(bench.tasks["knowledge"]),
                 "probes": {t.name: {k: len(v) for k, v in t.probes.items()} for t in bench.tasks.values()}}
+        best = [dict(task=t, method=m.kind, n=m.n, lr=best_lr(cfg, done, t, m))
+                for t in ("form", "knowledge") for m in METHODS]  # the one place the choice is made
         claims_report.write([done[key(c)] for c in todo], out, asdict(cfg), n_layers, info,
-                            attention_norms(bench), {"lr_grid": LR_GRID, "methods": METHODS})
+                            attention_norms(bench), {"lr_grid": LR_GRID, "methods": METHODS, "best": best})
 
 
 def main(argv=None):
