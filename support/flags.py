@@ -14,7 +14,9 @@ Not run on its own. Read next: inputs.py.
 """
 import argparse
 import math
+import platform
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -119,6 +121,21 @@ def device_name(text) -> str:
     if not have.get(device.type, False):
         raise argparse.ArgumentTypeError(f"this machine has no {text} device; use auto or cpu")
     return text
+
+
+def bfloat16_units(device) -> bool:
+    """Whether `device` computes in bfloat16 natively: a CUDA GPU that supports it, an x86 CPU with
+    AVX512-BF16 or AMX, an Arm CPU with the BF16 extension. Elsewhere bfloat16 is emulated (slower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    x86 = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if any(getattr(torch.cpu, name, lambda: False)() for name in x86):
+        return True
+    features = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return platform.machine() in ("aarch64", "arm64") and " bf16" in features
 
 
 QUANTIZE = ["none", "int8", "nf4"]  # the frozen base's precision (support/quantize.py)

@@ -13,9 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from support.convert import convert  # noqa: E402
+from support.tolerance import assert_same_greedy, logits_sums, tolerance  # noqa: E402
 
 TINY_VOCAB = 320
 OFFICIAL = ROOT.parent / "shared" / "official_aligner"  # the released Aligner files, beside the checkout
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "numeric: compares floating-point results; tests/kernels.py runs these "
+                                       "again under the other CPU kernels and one thread")
 
 
 def official(pattern: str) -> Path:
@@ -84,3 +90,17 @@ def smollm2_dir():
     from support.convert import model_dir
 
     return model_dir(None)
+
+
+def assert_greedy_agree(model, prompt: list, aligner, mine: list, theirs: list, what: str = "greedy tokens"):
+    """Two greedy decodings of `prompt` by `model` (with `aligner`: an Aligner or None) agree token
+    for token, or up to a near tie of the model's own logits (batch 1, recomputed in full), which
+    another batch size or kernel may break the other way."""
+    def next_logits(done):
+        with torch.no_grad():
+            return model(torch.tensor([list(prompt) + done]), aligner)[0, -1]  # (vocab,)
+
+    extra = aligner.n_tokens if aligner is not None else 0
+    sums = logits_sums(model.args, len(prompt) + len(mine) + extra)
+    tol = tolerance(torch.float32, next_logits([]).abs().max().item(), **sums)
+    assert_same_greedy(mine, theirs, next_logits, tol, what)

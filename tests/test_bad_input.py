@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import OFFICIAL, ROOT, make_hf_model, make_tokenizer_json
+from forkrun import shared
 from test_model import nonzero_aligner
 from test_train_generate import RECORDS
 
@@ -335,7 +336,7 @@ CASES = [
     ("bench sequence past the context", "bench.py", ["--seq", "100000", "--no-peer"], "must fit", False),
     ("bench prompt leaves no label", "bench.py", ["--prompt", "0.99", "--seq", "8", "--no-peer"], "no labelled",
      False),
-    ("demo seconds negative", "demo.py", ["--seconds", "-1"], "--seconds", True),
+    ("demo steps negative", "demo.py", ["--steps", "-1"], "--steps", True),
     ("demo limit 0", "demo.py", ["--limit", "0"], "--limit", True),
     ("demo tokens nan", "demo.py", ["--tokens", "nan"], "--tokens", True),
 ]
@@ -352,9 +353,8 @@ def expand(arg: str, box: Path) -> str:
 def run_case(case, box: Path):
     script, args = case[1:3]
     env, stdin = (case[5] if len(case) > 5 else {}), (case[6] if len(case) > 6 else b"")
-    cmd = [sys.executable, str(ROOT / script), *(expand(a, box) for a in args)]
-    return subprocess.run(cmd, cwd=box / "work", capture_output=True, input=stdin, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    cmd = [str(ROOT / script), *(expand(a, box) for a in args)]
+    return shared().run(cmd, box / "work", {**os.environ, "OMP_NUM_THREADS": "1", **env}, stdin)
 
 
 def snapshot(box: Path) -> dict:
@@ -364,7 +364,8 @@ def snapshot(box: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def sandbox(tiny):
-    """The sandbox and every case's result, all cases run once, two at a time."""
+    """The sandbox and every case's result, all cases run once, two at a time (forked from the two
+    servers that imported torch once: tests/forkrun.py)."""
     box = Path(tempfile.mkdtemp(prefix="aligner-sandbox-"))
     make_sandbox(box, tiny[1])
     before = snapshot(box)
@@ -524,7 +525,7 @@ def test_any_adapter_dict_loads_or_is_refused(d, nest):
 def test_a_real_adapter_round_trips_through_the_loader(tiny, tmp_path):
     a = nonzero_aligner(load_model(tiny[1]).args, 3)
     b = from_state(to_dict(a))
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.gates, b.gates)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.gates, b.gates)  # exact: a copy of the numbers
 
 
 def test_atomic_writes_keep_the_usual_file_mode(tmp_path):

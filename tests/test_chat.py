@@ -7,13 +7,13 @@ train.py --template chat recording its template in the adapter; generate.py --ch
 
 Run: .venv/bin/python -m pytest -q tests/test_chat.py"""
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY_VOCAB, make_hf_model, make_tokenizer_json
+from forkrun import run_text
 from test_model import assert_clean_error
 
 from support.chat import IGNORE, Chat, read_conversations, template_of
@@ -57,7 +57,8 @@ CONVERSATIONS = [
 
 
 def run_cli(*args, input=""):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, input=input)
+    """`python ARGS` in the checkout, forked from a process that imported torch once (tests/forkrun.py)."""
+    return run_text(list(args), input)
 
 
 def chat_model(folder: Path, family: str) -> Path:

@@ -11,6 +11,8 @@ from conftest import ROOT
 from test_train_generate import RECORDS, losses, train_args
 
 from support.adapter_file import load_aligner
+from support.checkpoint import load_model
+from support.tolerance import assert_close, logits_sums
 
 
 def run(n_procs, args):
@@ -26,6 +28,10 @@ def run(n_procs, args):
 
 @pytest.mark.parametrize("mode", ["data-parallel", "shard"])
 def test_two_processes_equal_one(tiny, tmp_path, mode):
+    """The same steps on the same batches; two processes sum the gradients of their micro-batches
+    in another order (and, sharded, gather the weights), so the losses and the Aligner agree within
+    the rounding of those sums: the forward and backward through every layer, then AdamW's steps
+    (each moves a number by at most about the lr, so the Aligner's rounding scales with steps x lr)."""
     _, path = tiny
     (tmp_path / "d.json").write_text(json.dumps(RECORDS))
     common = ["--max-steps", "4", "--batch-size", "4", "--micro-batch-size", "1", "--eval-every", "2",
@@ -34,8 +40,14 @@ def test_two_processes_equal_one(tiny, tmp_path, mode):
     extra = ["--shard"] if mode == "shard" else []
     run(2, train_args(path, tmp_path / "d.json", tmp_path / "two.pt", *common, *extra))
     one, two = losses(tmp_path / "one.metrics.jsonl"), losses(tmp_path / "two.metrics.jsonl")
-    assert len(one) == len(two) == 4 and one == pytest.approx(two, abs=1e-5)
+    args = load_model(path).args
+    sums = logits_sums(args, 4 * 64)  # a step's sums run over its 4 micro-batches' positions
+    assert len(one) == len(two) == 4
+    assert_close(torch.tensor(one), torch.tensor(two), terms=max(sums["terms"], args.vocab_size),
+                 depth=sums["depth"] + 1, what="losses")
     a, b = load_aligner(tmp_path / "one.pt"), load_aligner(tmp_path / "two.pt")
-    torch.testing.assert_close(a.tokens, b.tokens, atol=1e-5, rtol=0)
-    torch.testing.assert_close(a.gates, b.gates, atol=1e-5, rtol=0)
+    lr = 9e-3  # train.py's default
+    for name in ("tokens", "gates"):
+        assert_close(getattr(b, name), getattr(a, name), terms=sums["terms"], depth=2 * sums["depth"],
+                     magnitude=4 * lr, what=f"the Aligner's {name} after 4 AdamW steps")
     assert b.gates.abs().sum() > 0

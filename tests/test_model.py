@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, make_hf_model, make_model_dir, official
+from forkrun import run_text
 
 sys.path.insert(0, str(ROOT / "lessons"))
 from graders import gated  # noqa: E402
@@ -19,6 +20,7 @@ from support.errors import UserError
 from support.checkpoint import load_model
 from support.convert import convert
 from model import CONFIGS, Transformer
+from support.tolerance import assert_close, assert_same_greedy, logits_sums, tolerance
 
 
 
@@ -31,13 +33,14 @@ def nonzero_aligner(args, n_tokens, seed=3, per_layer=False):
     return gated(args, n_tokens, seed, per_layer)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("gqa,tied", [(True, False), (False, False), (True, True)])
 def test_logits_equal_transformers(tmp_path, gqa, tied):
     hf, path = make_model_dir(tmp_path, gqa=gqa, tied=tied)
     ours = load_model(path)
     x = tokens()
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=0)
+        assert_close(ours(x), hf(x).logits, **logits_sums(ours.args, x.shape[1]), what="logits")
 
 
 def hf_permute(w, n_heads):
@@ -46,6 +49,7 @@ def hf_permute(w, n_heads):
     return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("n_shards", [1, 2])
 def test_meta_checkpoint_converts_to_same_logits(tmp_path, n_shards):
     hf = make_hf_model(gqa=True, seed=5)
@@ -81,16 +85,17 @@ def test_meta_checkpoint_converts_to_same_logits(tmp_path, n_shards):
     ours = load_model(convert(str(src), tmp_path / "out"))
     x = tokens()
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=0)
+        assert_close(ours(x), hf(x).logits, **logits_sums(ours.args, x.shape[1]), what="logits")
 
 
+@pytest.mark.numeric
 def test_zero_gates_are_exactly_the_base_model(tiny):
     _, path = tiny
     model = load_model(path)
     aligner = Aligner(model.args, n_tokens=3)
     assert aligner.gates.abs().sum() == 0 and aligner.tokens.abs().sum() > 0
     x = tokens()
-    with torch.no_grad():
+    with torch.no_grad():  # exact: a zero gate adds 0.0 to the same kernels' results on the same inputs
         assert torch.equal(model(x, aligner), model(x))
 
 
@@ -106,6 +111,7 @@ def peft_model(hf, n_tokens, n_adapted):
     return pm, adapted
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("n_tokens", [1, 3])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_aligner_equals_peft_adaption_prompt(tmp_path, n_tokens, per_head):
@@ -130,9 +136,10 @@ def test_aligner_equals_peft_adaption_prompt(tmp_path, n_tokens, per_head):
         reference = pm(input_ids=x).logits
         base = ours(x)
     assert (reference - base).abs().max() > 1e-3  # the adapter really changes the output
-    torch.testing.assert_close(expected_ours, reference, atol=1e-5, rtol=0)
+    assert_close(expected_ours, reference, **logits_sums(ours.args, x.shape[1] + n_tokens), what="logits")
 
 
+@pytest.mark.numeric
 def test_per_layer_variant_equals_peft(tmp_path):
     """LLaMA-Adapter's design: a prompt per layer (PEFT's own setting, scalar gate per layer)."""
     hf, path = make_model_dir(tmp_path, gqa=False)
@@ -146,10 +153,12 @@ def test_per_layer_variant_equals_peft(tmp_path):
         mod.adaption_prompt = torch.nn.Parameter(aligner.tokens.detach()[layer - 2][None].clone())
         mod.adaption_gate = torch.nn.Parameter(aligner.gates.detach()[layer - 2][:1].clone())
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, aligner), pm(input_ids=x).logits, atol=1e-5, rtol=0)
+        assert_close(ours(x, aligner), pm(input_ids=x).logits, **logits_sums(ours.args, x.shape[1] + 2),
+                     what="logits")
     assert aligner.n_params() == 2 * 2 * 64 + 2 * 4
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("with_aligner", [False, True])
 def test_kv_cache_decoding_equals_full_recompute(tiny, with_aligner):
     _, path = tiny
@@ -162,7 +171,8 @@ def test_kv_cache_decoding_equals_full_recompute(tiny, with_aligner):
         prefill = model(torch.tensor([seq[:5]]), aligner, torch.arange(5))[0]
         steps = [model(torch.tensor([[t]]), aligner, torch.tensor([i]))[0, 0] for i, t in enumerate(seq[5:], 5)]
         model.clear_cache()
-    torch.testing.assert_close(torch.cat([prefill, torch.stack(steps)]), full, atol=1e-5, rtol=0)
+    assert_close(torch.cat([prefill, torch.stack(steps)]), full, **logits_sums(model.args, len(seq) + 3),
+                 what="logits")
 
 
 @pytest.mark.parametrize("size,n_tokens,count", [("llama-2-7b", 1, 5056), ("llama-2-7b", 10, 41920),
@@ -174,8 +184,9 @@ def test_official_checkpoints_import(size, n_tokens, count):
     assert aligner.n_params() == count and aligner.n_tokens == n_tokens and aligner.start_layer == 2
     assert aligner.gates.abs().min(1).values.max() > 0  # real, trained gates
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    torch.testing.assert_close(aligner.tokens, sd["global_value_embedding.weight"].float())
-    torch.testing.assert_close(aligner.gates[5], sd["transformer.h.7.attn.gating_factor"].float().flatten())
+    # exact: the loader copies the stored numbers, and widening a float to float32 is exact
+    assert torch.equal(aligner.tokens, sd["global_value_embedding.weight"].float())
+    assert torch.equal(aligner.gates[5], sd["transformer.h.7.attn.gating_factor"].float().flatten())
     with torch.device("meta"):  # the real shapes, no weights needed
         model = Transformer(CONFIGS[size])
     aligner.check_fits(model.args)
@@ -197,15 +208,18 @@ def test_older_scalar_gate_and_litgpt_gate_shapes_import():
         sd[f"transformer.h.{layer}.attn.adapter_wte.weight"] = sd["global_value_embedding.weight"]
         sd[f"transformer.h.{layer}.attn.gating_factor"] = torch.full((1, 1, 32, 1), layer / 100)
     a = from_state(sd)
-    assert a.n_params() == 2 * 4096 + 30 * 32 and a.gates[3, 7].item() == pytest.approx(0.05)
+    # exact: the loader copies the stored float32 number
+    assert a.n_params() == 2 * 4096 + 30 * 32 and a.gates[3, 7].item() == torch.tensor(0.05).item()
     scalar = {k: (v.flatten()[:1] if "gating" in k else torch.randn(1, 4096)) for k, v in sd.items()
               if k != "global_value_embedding.weight"}
     b = from_state(scalar)  # per-layer prompts, one gate per layer: head count from the size table
+    # exact: the loader copies the stored number to every head
     assert b.per_layer and b.n_heads == 32 and torch.equal(b.gates[0], torch.full((32,), 0.02))
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    """`python ARGS` in the checkout, forked from a process that imported torch once (tests/forkrun.py)."""
+    return run_text(list(args))
 
 
 def assert_clean_error(result, *words):
@@ -282,18 +296,23 @@ def smollm2_pair(smollm2_dir):
     return load_model(smollm2_dir), Tokenizer(smollm2_dir), hf, hf_tok
 
 
+@pytest.mark.numeric
 def test_smollm2_matches_transformers_reading_the_same_gguf(smollm2_pair):
     from generate import Sampling, generate
 
     ours, tok, hf, hf_tok = smollm2_pair
     x = torch.tensor([tok.encode("The three primary colours are red, yellow and")])
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+        reference = hf(x).logits  # (1, T, vocab)
+        sums = logits_sums(ours.args, 64)  # 64: room for the prompts below and their answers
+        assert_close(ours(x), reference, **sums, what="logits")
+    tol = tolerance(torch.float32, reference.abs().max().item(), **sums)
     for prompt in ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]:
         ids = tok.encode(prompt)
         mine = list(generate(ours, ids, sampling=Sampling(max_new_tokens=12, temperature=0), eos_id=tok.eos_id))
         theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
-        assert mine == theirs, prompt
+        with torch.no_grad():
+            assert_same_greedy(mine, theirs, lambda done: hf(torch.tensor([ids + done])).logits[0, -1], tol, prompt)
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2_pair):
@@ -304,6 +323,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_pair):
         assert tok.decode(tok.encode(s)) == s.replace("<|im_start|>", "").replace("<|im_end|>", "")
 
 
+@pytest.mark.numeric
 def test_sdpa_path_equals_einsum_path(tiny):
     _, path = tiny
     model = load_model(path)
@@ -316,8 +336,9 @@ def test_sdpa_path_equals_einsum_path(tiny):
         model.setup_cache(1, 12, aligner)
         steps = [model(x[:1, i:i + 1], aligner, torch.tensor([i]))[0, 0] for i in range(12)]
         model.clear_cache()
-    torch.testing.assert_close(fused, einsum, atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.stack(steps), einsum[0, :12], atol=1e-5, rtol=0)
+    sums = logits_sums(model.args, x.shape[1] + 3)
+    assert_close(fused, einsum, **sums, what="logits, sdpa against einsum")
+    assert_close(torch.stack(steps), einsum[0, :12], **sums, what="cached sdpa steps against einsum")
 
 
 def test_cache_refuses_another_aligner(tiny):
