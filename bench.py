@@ -140,8 +140,8 @@ class BenchConfig:
     dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 on cpu",
                       choices=["auto", "float32", "bfloat16"])
     compile: bool = flag(False, "torch.compile our training forward and decoding step")
-    attention: str = flag("sdpa", "our causal attention (sdpa: the default of train.py and generate.py)",
-                          choices=["sdpa", "einsum"])
+    attention: str = flag("einsum", "our causal attention (einsum: the default of train.py and generate.py)",
+                          choices=["einsum", "sdpa"])
     prompt: float = flag(0.6, "share of each sequence that is prompt, with no label (the bundled data: "
                               "38 of 61 tokens)", fraction)
     activation_checkpointing: bool = flag(False, "recompute our layers in backward")

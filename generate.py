@@ -24,11 +24,10 @@ from tqdm import tqdm
 
 from aligner import Aligner, AlignerBatch
 from data import Prompt, prompt_ids, read_prompts
-from support.tokenizer import Tokenizer
 from model import Transformer
 from support.adapter_file import load_aligner, one_base
 from support.chat import Chat, chat_of, converse
-from support.checkpoint import load_model
+from support.checkpoint import load_base
 from support.convert import model_dir
 from support.default_model import DEFAULT_MODEL_DIR
 from support.errors import UserError, run_main
@@ -69,9 +68,11 @@ def sample(logits, s: Sampling):
 
 
 @torch.no_grad()
-def decode(model: Transformer, prompts: list, aligner=None, sampling=Sampling(), forward=None, pad_id=0):
+def decode(model: Transformer, prompts: list, aligner=None, sampling=Sampling(), forward=None, pad_id=0,
+           pool=None):
     """Yield the next token id of every row, (B,), one step at a time, up to max_new_tokens or the
-    end of the context. `forward` runs the one-token steps: the model, or a torch.compile'd copy."""
+    end of the context. `forward` runs the one-token steps: the model, or a torch.compile'd copy.
+    `pool`: a Cache whose buffers every batch reuses, so that a compiled step sees one shape."""
     forward, device = model if forward is None else forward, model.output.weight.device
     n = max(map(len, prompts))
     if n >= model.args.max_seq_len:
@@ -80,16 +81,14 @@ def decode(model: Transformer, prompts: list, aligner=None, sampling=Sampling(),
     total = min(n + sampling.max_new_tokens, model.args.max_seq_len)
     pad = torch.tensor([n - len(p) for p in prompts], device=device)  # (B,) left padding of each row
     ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts], device=device)  # (B, n)
-    model.setup_cache(len(prompts), total, aligner, pad)  # Aligner keys/values computed here, once
-    try:
-        logits = model(ids, aligner, torch.arange(n, device=device))[:, -1]  # (B, vocab): prefill
-        for pos in range(n, total):
-            next_ids = sample(logits, sampling)  # (B, 1)
-            yield next_ids[:, 0]
-            if pos + 1 < total:
-                logits = forward(next_ids, aligner, torch.tensor([pos], device=device))[:, -1]  # (B, vocab)
-    finally:
-        model.clear_cache()
+    cache = model.new_cache(len(prompts), total, aligner, pad, pool)  # Aligner keys/values computed once
+    logits = model(ids, aligner, torch.arange(n, device=device), cache=cache)[:, -1]  # (B, vocab): prefill
+    for pos in range(n, total):
+        next_ids = sample(logits, sampling)  # (B, 1)
+        yield next_ids[:, 0]
+        if pos + 1 < total:
+            step = torch.tensor([pos], device=device)  # (1,)
+            logits = forward(next_ids, aligner, step, cache=cache)[:, -1]  # (B, vocab)
 
 
 def generate(model, ids: list, aligner=None, sampling=Sampling(), eos_id=None, forward=None):
@@ -102,12 +101,12 @@ def generate(model, ids: list, aligner=None, sampling=Sampling(), eos_id=None, f
 
 
 def generate_batch(model, prompts: list, aligner=None, sampling=Sampling(), eos_id=None, forward=None,
-                   pad_id=0) -> list:
+                   pad_id=0, pool=None) -> list:
     """The new token ids of every prompt, decoded together; each row ends at its own EOS (eos_id: one
     id, or a list of one id per row)."""
     answers, done = [[] for _ in prompts], [False] * len(prompts)
     eos = eos_id if isinstance(eos_id, list) else [eos_id] * len(prompts)
-    with closing(decode(model, prompts, aligner, sampling, forward, pad_id)) as steps:
+    with closing(decode(model, prompts, aligner, sampling, forward, pad_id, pool)) as steps:
         for next_ids in steps:
             for row, i in enumerate(next_ids.tolist()):
                 answers[row] += [] if done[row] else [i]
@@ -177,12 +176,10 @@ def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
         check_output_file(cfg.out, [cfg.data, *(cfg.adapter or [])], [base or DEFAULT_MODEL_DIR])
     path = model_dir(base)
     device = runtime.pick_device()
-    model = load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
-    model.use_sdpa(runtime.attention == "sdpa")
+    model, tok = load_base(path, runtime, device)
     for _, a in adapters:
         a.check_fits(model.args, str(path))
         a.to(device)
-    tok = Tokenizer(path, model.args.vocab_size)
     columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), tok, path) for p, a in adapters]
     if cfg.compare or not columns:  # the base answers as the adapter is asked (in a chat with --chat)
         template = cfg.template or (columns[0].template if columns else "chat" if cfg.chat else "alpaca")
@@ -217,12 +214,16 @@ def answer_file(cfg: GenerateConfig, sampling: Sampling, model, tok, columns, fo
     """Every prompt of --data with every column, in batches; the records go to --out atomically.
     Rows are grouped by the Aligner's token count, so each batch can mix Aligners (and the base)."""
     prompts, answers = read_prompts(cfg.data), {}
+    ids = {(r, c): prompt_ids(tok, p, col.template, col.chat) for r, p in enumerate(prompts)
+           for c, col in enumerate(columns)}
+    longest = min(max(map(len, ids.values())) + sampling.max_new_tokens, model.args.max_seq_len)
+    pool = model.new_cache(cfg.batch_size, longest) if forward is not model else None  # compiled: one shape
     bar = tqdm(total=len(prompts) * len(columns), desc="answers", unit="prompt", dynamic_ncols=True)
     for batcher, chunk in batches(model, columns, len(prompts), cfg.batch_size):
-        ids = [prompt_ids(tok, prompts[r], columns[c].template, columns[c].chat) for r, c in chunk]
         torch.manual_seed(sampling.seed)
         eos = [columns[c].eos_id for _, c in chunk]
-        answers.update(zip(chunk, generate_batch(model, ids, batcher, sampling, eos, forward, tok.pad_id)))
+        answers.update(zip(chunk, generate_batch(model, [ids[job] for job in chunk], batcher, sampling, eos,
+                                                 forward, tok.pad_id, pool)))
         bar.update(len(chunk))
     bar.close()
     rows = [{**p._asdict(), "adapter": col.name, "answer": tok.decode(body), "new_tokens": len(body)}

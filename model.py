@@ -17,7 +17,8 @@ E head width, N Aligner tokens (lower case inside Attention.forward, where they 
 
 Use: `model = Transformer(CONFIGS["tiny"])` (random weights), or a converted checkpoint with
 `support.checkpoint.load_model(dir)`; then `logits = model(ids, aligner=None)`: token ids (B, T) ->
-logits (B, T, vocab).
+logits (B, T, vocab). Decoding passes a cache in: `cache = model.new_cache(batch, max_len, aligner)`,
+then `model(ids, aligner, pos, cache=cache)` one step at a time (generate.py).
 Read next: aligner.py (the trainable part).
 """
 import math
@@ -40,6 +41,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False  # output projection shares tok_embeddings' weight
+    # Beyond LLaMA-2, the defaults plain LLaMA-2: a merged Aligner, Qwen2, LLaMA-3.1 (read from the files)
     wo_bias_from: int = -1  # layers from this one on get a bias on wo (a merged Aligner); -1: none
     qkv_bias: bool = False  # biases on wq, wk, wv (Qwen2)
     rope_factor: float = 1.0  # LLaMA-3.1's RoPE scaling (see scaled_frequencies); 1: none
@@ -112,19 +114,19 @@ def apply_rope(x, cos, sin):
     return (xf * cos + swapped * sin).type_as(x)  # (B, T, heads, E)
 
 
-class KVCache(nn.Module):
-    """One layer's keys and values of the positions seen so far, for decoding a batch of rows one
-    token at a time. Allocated once, for the largest batch and length asked, and reused by every
-    batch. `prefix_kv` holds this layer's Aligner keys/values, computed once per batch (they do
-    not depend on the input) and reused at every step. Training never uses a cache, so there they
-    are always computed from the Aligner's current tokens."""
+class KVCache:
+    """One layer's keys and values of the positions seen so far, for decoding a batch of rows one token
+    at a time, and `aligner_kv`: its Aligner keys/values, computed once per batch (they do not depend
+    on the input). Training uses no cache: there they come from the Aligner's current tokens."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
-        super().__init__()
         shape = (batch, max_len, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.prefix_kv = None  # (pk, pv), each (N, K, E) or (B, N, K, E), or None without an Aligner
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (B, S, K, E)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (B, S, K, E)
+        if self.k.is_cuda:  # CUDA graphs (generate.py --compile) then keep them in place, not copied
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
+        self.aligner_kv = None  # (pk, pv), each (N, K, E) or (B, N, K, E), or None without an Aligner
 
     def update(self, pos, xk, xv):
         b = xk.shape[0]
@@ -177,7 +179,7 @@ class Attention(nn.Module):
         # Aligner: the shared tokens, with a softmax of their own, gated per head
         if prefix is not None:
             tokens, gate = prefix  # (n, D) and (h,) for the whole batch, or (b, n, D) and (b, h) per row
-            pk, pv = cache.prefix_kv if cache is not None else self.prefix_kv(tokens, x.dtype)  # [b,] n, k, e
+            pk, pv = self.prefix_kv(tokens, x.dtype) if cache is None else cache.aligner_kv  # [b,] n, k, e
             pk, pv = pk.expand(b, *pk.shape[-3:]), pv.expand(b, *pv.shape[-3:])  # (b, n, k, e) each
             p_scores = torch.einsum("btkge,bnke->bkgtn", xq, pk) / math.sqrt(e)  # (b, k, g, t, n)
             p_att = p_scores.float().softmax(-1).type_as(xq)  # (b, k, g, t, n) over the n tokens
@@ -221,38 +223,30 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.activation_checkpointing = False  # train.py --activation-checkpointing
-        self.caches = None  # a KVCache per layer, kept for reuse (setup_cache)
-        self.decoding = False  # True between setup_cache and clear_cache: forward uses the caches
-        self.cache_aligner = None  # the Aligner whose keys/values the caches hold
-        self.pad = None  # (B,) while decoding: the left padding of each row
 
-    def forward(self, ids, aligner=None, pos=None, keep=None):
-        """Token ids (B, T) -> logits (B, T, vocab). While decoding, `pos` (T,), or (B, T) with each row
-        at its own columns (serve.py), says which columns of the cache the ids fill, and each row's left
-        padding (given to setup_cache) is masked and shifts its positions; otherwise the ids are whole
-        sequences from 0. With `keep`, a (B, T) mask, only the kept positions get logits, (n, vocab): a
-        loss that needs no more saves the vocabulary projection (a fifth of a small model's work)."""
-        if self.decoding and aligner is not self.cache_aligner:
+    def forward(self, ids, aligner=None, pos=None, keep=None, cache=None):
+        """Token ids (B, T) -> logits (B, T, vocab). Without a cache the ids are whole sequences from
+        position 0. With a `cache` (new_cache: decoding), `pos` (T,), or (B, T) with each row at its
+        own columns, says which columns of the cache the ids fill, and each row's left padding is
+        masked and shifts its positions. With `keep`, a (B, T) mask, only the kept positions get
+        logits, (n, vocab): a loss that needs no more saves the vocabulary projection (a fifth of a
+        small model's work)."""
+        if cache is not None and aligner is not cache.aligner:
             raise ValueError("the KV cache holds the keys/values of another Aligner (or of none): "
-                             "call setup_cache(batch, max_len, aligner) with the one you decode with")
-        caches = self.caches if self.decoding else [None] * len(self.layers)
+                             "make it with new_cache(batch, max_len, aligner) for the one you decode with")
         pos = torch.arange(ids.shape[1], device=ids.device) if pos is None else pos  # (T,)
-        if self.decoding:
-            pad = self.pad[: ids.shape[0]]  # (B,): each row's left padding
+        if cache is not None:
+            pad, n_keys = cache.pad[: ids.shape[0]], cache.layers[0].k.shape[1]  # (B,) left padding; S
         else:
-            pad = torch.zeros(1, dtype=torch.long, device=ids.device)  # (1,): none
-        n_keys = caches[0].k.shape[1] if self.decoding else ids.shape[1]  # S
-        keys = torch.arange(n_keys, device=ids.device)  # (S,)
-        # key s is visible from query t if s <= t and s is no padding (a padding query sees itself alone)
-        at = pos[..., None]  # (T, 1) or (B, T, 1)
-        visible = (at >= keys) & ((keys >= pad[:, None, None]) | (at == keys))  # (B, T, S)
-        mask = torch.zeros(visible.shape, device=ids.device).masked_fill(~visible, float("-inf"))  # (B, T, S)
+            pad, n_keys = torch.zeros(1, dtype=torch.long, device=ids.device), ids.shape[1]  # (1,): none; S
+        mask = causal_mask(pos, n_keys, pad)  # (B, T, S)
         a = self.args
         cos_sin = rope(pos - pad[:, None], a.head_dim, a.rope_theta, a)  # (B, T, 1, E) each
         h = self.tok_embeddings(ids)  # (B, T, D)
-        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
+        caches = cache.layers if cache is not None else [None] * len(self.layers)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, caches)):
             prefix = aligner.prefix(i) if aligner is not None else None  # None below start_layer
-            args = (h, pos, cos_sin, mask[:, None, None], prefix, cache)  # mask (B, 1, 1, T, S)
+            args = (h, pos, cos_sin, mask[:, None, None], prefix, layer_cache)  # mask (B, 1, 1, T, S)
             if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in backward
                 h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)  # (B, T, D)
             else:
@@ -267,20 +261,33 @@ class Transformer(nn.Module):
             layer.attention.sdpa = on
 
     @torch.no_grad()
-    def setup_cache(self, batch: int, max_len: int, aligner=None, pad=None):
-        """KV caches for a batch of rows up to `max_len` long, each left-padded by pad (B,) columns,
-        with each layer's Aligner keys/values computed here, once per batch. The buffers are made
-        once, for the largest batch and length asked, and reused; forward refuses another Aligner."""
+    def new_cache(self, batch: int, max_len: int, aligner=None, pad=None, reuse=None) -> "Cache":
+        """A Cache for a batch of rows up to `max_len` long, each left-padded by pad (B,) columns, with
+        each layer's Aligner keys/values computed here, once per batch. `reuse`: a Cache whose buffers
+        are large enough lends them (their contents are overwritten as decoding goes)."""
         p = self.output.weight
-        if self.caches is None or self.caches[0].k.shape[0] < batch or self.caches[0].k.shape[1] < max_len:
-            self.caches = nn.ModuleList(KVCache(batch, max_len, self.args.n_kv_heads, self.args.head_dim,
-                                                p.dtype, p.device) for _ in self.layers)
-        self.pad = torch.zeros(batch, dtype=torch.long, device=p.device) if pad is None else pad.to(p.device)
-        self.decoding, self.cache_aligner = True, aligner
-        for i, (layer, cache) in enumerate(zip(self.layers, self.caches)):
+        size = (batch, max_len, self.args.n_kv_heads, self.args.head_dim)  # (B, S, K, E)
+        fits = reuse is not None and all(have >= need for have, need in zip(reuse.layers[0].k.shape, size))
+        layers = reuse.layers if fits else [KVCache(*size, p.dtype, p.device) for _ in self.layers]
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, layers)):
             prefix = aligner.prefix(i) if aligner is not None else None
-            cache.prefix_kv = layer.attention.prefix_kv(prefix[0], p.dtype) if prefix is not None else None
+            layer_cache.aligner_kv = None if prefix is None else layer.attention.prefix_kv(prefix[0], p.dtype)
+        pad = torch.zeros(batch, dtype=torch.long) if pad is None else pad  # (B,)
+        return Cache(layers, pad.to(p.device), aligner)
 
-    def clear_cache(self):
-        """Back to whole sequences (training); the buffers stay for the next setup_cache."""
-        self.decoding, self.cache_aligner, self.pad = False, None, None
+
+@dataclass
+class Cache:
+    """What decoding passes to forward: a KVCache per layer, the rows' left padding, their Aligner."""
+    layers: list  # a KVCache per layer
+    pad: torch.Tensor  # (B,)
+    aligner: object = None
+
+
+def causal_mask(pos, n_keys: int, pad):
+    """0 where key s is visible from query t, else -inf, (B, T, S), for queries at pos (T,) or (B, T) in
+    rows left-padded by pad (B,): s <= t and s no padding (a padding query sees itself alone)."""
+    keys = torch.arange(n_keys, device=pos.device)  # (S,)
+    at = pos[..., None]  # (T, 1) or (B, T, 1)
+    visible = (at >= keys) & ((keys >= pad[:, None, None]) | (at == keys))  # (B, T, S)
+    return torch.zeros(visible.shape, device=pos.device).masked_fill(~visible, float("-inf"))  # (B, T, S)

@@ -32,12 +32,11 @@ from data import format_prompt
 from generate import Column, Sampling, column, sample
 from support.adapter_file import load_aligner, one_base
 from support.chat import ROLES
-from support.checkpoint import load_model
+from support.checkpoint import load_base
 from support.convert import model_dir
 from support.errors import UserError, run_main
 from support.flags import Runtime, check_flags, count, flag, parse_flags, path_text, positive_int
 from support.inputs import valid_text
-from support.tokenizer import Tokenizer
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "suffix",
                "logit_bias", "echo", "best_of")
@@ -113,7 +112,7 @@ class Engine:
         self.group = min(self.batchers)  # the token count of the running batch
         self.slots, self.waiting, self.spare, self.rows = [None] * slots, [], None, 0
         self.wakeup, self.stopping, self.failure = threading.Condition(), threading.Event(), None
-        model.setup_cache(slots, context, self.batchers[self.group])  # every slot's buffers, made once
+        self.cache = model.new_cache(slots, context, self.batchers[self.group])  # every slot's buffers, once
 
     def submit(self, r: Request):
         with self.wakeup:
@@ -168,18 +167,17 @@ class Engine:
     def prefill(self, new: list):
         """The new requests' prompts in one pass, left-padded, through a cache of their own whose
         keys/values are then copied to the start of each one's slot; then their first tokens."""
-        model, batcher, main = self.model, self.batchers[self.group], self.model.caches
+        model, batcher = self.model, self.batchers[self.group]
         n = max(len(r.ids) for r in new)
         pad = torch.tensor([n - len(r.ids) for r in new])  # (P,) left padding of each new row
         ids = torch.tensor([[0] * (n - len(r.ids)) + r.ids for r in new], device=self.device)  # (P, n)
         batcher.use([self.row[r.served.name] for r in new])
-        model.caches = self.spare  # the prefill's own buffers, kept for the next one
-        model.setup_cache(len(new), n, batcher, pad)
-        logits = model(ids, batcher, torch.arange(n, device=self.device))[:, -1]  # (P, vocab)
-        self.spare, model.caches = model.caches, main
-        self.rows = 0  # the running batch's caches are attached again at the next step
+        self.spare = model.new_cache(len(new), n, batcher, pad, reuse=self.spare)  # the prefill's own buffers
+        at = torch.arange(n, device=self.device)  # (n,)
+        logits = model(ids, batcher, at, cache=self.spare)[:, -1]  # (P, vocab)
+        self.rows = 0  # the running batch's cache is made for its rows again at the next step
         for j, r in enumerate(new):
-            for big, small in zip(model.caches, self.spare):
+            for big, small in zip(self.cache.layers, self.spare.layers):
                 big.k[r.slot, : len(r.ids)] = small.k[j, n - len(r.ids): n]  # (n_r, K, E)
                 big.v[r.slot, : len(r.ids)] = small.v[j, n - len(r.ids): n]  # (n_r, K, E)
             r.pos = len(r.ids)
@@ -189,7 +187,7 @@ class Engine:
         """The running batch's caches for the first `rows` slots, each with its request's Aligner."""
         batcher = self.batchers[self.group]
         batcher.use([self.row[r.served.name] if r else 0 for r in self.slots[:rows]])
-        self.model.setup_cache(rows, self.context, batcher)  # the buffers stay: only the Aligner rows change
+        self.cache = self.model.new_cache(rows, self.context, batcher, reuse=self.cache)  # the same buffers
         self.rows = rows
 
     @torch.no_grad()
@@ -202,7 +200,7 @@ class Engine:
         slots = self.slots[:rows]
         ids = torch.tensor([[r.tokens[-1] if r else 0] for r in slots], device=self.device)  # (b, 1)
         pos = torch.tensor([[r.pos if r else 0] for r in slots], device=self.device)  # (b, 1)
-        logits = self.model(ids, self.batchers[self.group], pos)[:, -1]  # (b, vocab)
+        logits = self.model(ids, self.batchers[self.group], pos, cache=self.cache)[:, -1]  # (b, vocab)
         active = [r for r in slots if r]
         for r in active:
             r.pos += 1
@@ -514,9 +512,7 @@ def load_served(cfg: ServeConfig, runtime: Runtime):
     adapters = [(str(f), load_aligner(f)) for f in files]
     path = model_dir(one_base(adapters, cfg.model))
     device = runtime.pick_device()
-    model = load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
-    model.use_sdpa(runtime.attention == "sdpa")
-    tok = Tokenizer(path, model.args.vocab_size)
+    model, tok = load_base(path, runtime, device)
     served = {"base": column("base", None, "alpaca", tok, path)}
     for name, (where, a) in zip(names, adapters):
         a.check_fits(model.args, where)

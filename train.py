@@ -33,7 +33,7 @@ from model import Transformer
 from support import parallel, report
 from support.adapter_file import load_aligner, read_checkpoint, restore_optimizer, to_dict
 from support.chat import Chat, template_of
-from support.checkpoint import load_model
+from support.checkpoint import load_base
 from support.convert import model_dir
 from support.default_model import DEFAULT_MODEL_DIR
 from support.errors import Terminated, UserError, run_main
@@ -146,12 +146,10 @@ def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
                         f"{cfg.micro_batch_size} times the {ranks.world} process(es)")
     checkpoint = read_checkpoint(cfg.out, resume_flags(cfg, path, runtime)) if cfg.resume else None
-    model = model or load_model(path, ranks.device, runtime.pick_dtype(ranks.device), runtime.quantize)
+    model, tok = load_base(path, runtime, ranks.device, model)
     model.activation_checkpointing = cfg.activation_checkpointing
-    model.use_sdpa(runtime.attention == "sdpa")
     if cfg.shard:
         parallel.shard_model(model)
-    tok = Tokenizer(path, model.args.vocab_size)
     data, loss_fn, batcher = load_data(cfg, tok, path, model.args.max_seq_len)
     val, train_set = split(data.examples, cfg.val_fraction, cfg.seed)
     aligner = make_aligner(cfg, model, path, checkpoint, runtime.quantize).to(ranks.device)

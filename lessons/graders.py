@@ -165,10 +165,10 @@ def cached_decoding_equals_recomputation():
     hf, ours = tiny_pair()
     seq = ids(1, 12)[0].tolist()
     full = ours(torch.tensor([seq]))[0]  # (T, vocab)
-    ours.setup_cache(1, len(seq))
-    prefill = ours(torch.tensor([seq[:5]]), None, torch.arange(5))[0]  # (5, vocab)
-    steps = [ours(torch.tensor([[t]]), None, torch.tensor([i]))[0, 0] for i, t in enumerate(seq[5:], 5)]
-    ours.clear_cache()
+    cache = ours.new_cache(1, len(seq))
+    prefill = ours(torch.tensor([seq[:5]]), None, torch.arange(5), cache=cache)[0]  # (5, vocab)
+    steps = [ours(torch.tensor([[t]]), None, torch.tensor([i]), cache=cache)[0, 0]
+             for i, t in enumerate(seq[5:], 5)]
     d, limit = diff(torch.cat([prefill, torch.stack(steps)]), full), tol(full)
     if d > limit:
         return False, (f"max |logit diff| {d:.3g} between cached and full decoding: KVCache.update must "

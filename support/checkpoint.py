@@ -19,6 +19,7 @@ from model import ModelArgs, Transformer
 from support.errors import UserError
 from support.inputs import read_json_object
 from support.quantize import quantize_base
+from support.tokenizer import Tokenizer
 
 
 def read_params(path) -> ModelArgs:
@@ -121,6 +122,15 @@ def load_model(path, device="cpu", dtype=torch.float32, quantize="none") -> Tran
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return quantize_base(model.requires_grad_(False).eval(), quantize)
+
+
+def load_base(path, runtime, device, model=None) -> tuple:
+    """(the frozen base, its tokenizer) from a converted directory, as every command runs them: in the
+    runtime's dtype on `device`, quantized when asked, its causal attention through the einsum lines
+    or sdpa. `model`: a base already loaded (the experiment shares one), set up the same way."""
+    model = model or load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
+    model.use_sdpa(runtime.attention == "sdpa")
+    return model, Tokenizer(path, model.args.vocab_size)
 
 
 def is_tiktoken(model_file: Path) -> bool:

@@ -147,8 +147,8 @@ class Runtime:
     device: str = flag("auto", "auto (cuda, then mps, then cpu), or a torch device", device_name)
     dtype: str = flag("auto", "base model dtype; auto: bfloat16 on cuda, float32 elsewhere",
                       choices=["auto", *DTYPES])
-    attention: str = flag("sdpa", "sdpa (fused, faster) or einsum (model.py's own lines): the same numbers",
-                          choices=["sdpa", "einsum"])
+    attention: str = flag("einsum", "einsum (the lines model.py spells out) or sdpa (fused kernels: the same "
+                          "numbers, faster where they help, as on a GPU)", choices=["einsum", "sdpa"])
     quantize: str = flag("none", "the frozen layers in 8 or 4 bits (needs torchao)", choices=QUANTIZE)
     compile: bool = flag(False, "torch.compile the model (decoding on CUDA: with CUDA graphs)")
 

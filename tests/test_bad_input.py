@@ -26,6 +26,7 @@ from test_model import nonzero_aligner
 from test_train_generate import RECORDS
 
 import train
+from support import checkpoint
 from adapter import merge
 from support.adapter_file import from_state, load_aligner, save_aligner, to_dict
 from support.errors import UserError
@@ -451,7 +452,7 @@ def test_ctrl_c_while_the_model_loads_is_exit_130(tiny, tmp_path, monkeypatch, c
     def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "load_model", interrupted)
+    monkeypatch.setattr(checkpoint, "load_model", interrupted)
     with pytest.raises(SystemExit) as e:
         train.main(["--model", str(path), "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "a.pt")])
     assert e.value.code == 130 and "Traceback" not in capsys.readouterr().err

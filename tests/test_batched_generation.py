@@ -86,11 +86,12 @@ def test_a_second_batch_does_not_recompile(tiny):
     model = load_model(tiny[1])
     batch = AlignerBatch(three_aligners(model.args), model.args)
     step = torch.compile(model, dynamic=False)
+    pool = model.new_cache(3, max(map(len, PROMPTS)) + 4)  # buffers for the largest batch, reused
     batch.use([1, 2, 0])
-    generate_batch(model, PROMPTS[:3], batch, Sampling(max_new_tokens=4, temperature=0), forward=step)
+    generate_batch(model, PROMPTS[:3], batch, Sampling(max_new_tokens=4, temperature=0), forward=step, pool=pool)
     compiled = counters["stats"]["unique_graphs"]
     batch.use([3, 0, 1])
-    generate_batch(model, PROMPTS[2:], batch, Sampling(max_new_tokens=4, temperature=0), forward=step)
+    generate_batch(model, PROMPTS[2:], batch, Sampling(max_new_tokens=4, temperature=0), forward=step, pool=pool)
     assert compiled > 0 and counters["stats"]["unique_graphs"] == compiled
 
 

@@ -12,6 +12,7 @@ from test_model import assert_clean_error, nonzero_aligner, run_cli
 from test_train_generate import train_args
 
 import train
+from support import checkpoint
 from support.adapter_file import from_dict, load_aligner, to_dict
 from support.checkpoint import load_model
 from data import format_prompt
@@ -81,7 +82,7 @@ def test_dpo_learns_the_preference_with_one_base_model(tiny, tmp_path, monkeypat
     (tmp_path / "sft.json").write_text(json.dumps(sft_records()))
     train.main(train_args(path, tmp_path / "sft.json", tmp_path / "sft.pt", "--max-steps", "1"))
     built = []
-    monkeypatch.setattr(train, "load_model", lambda *a: (built.append(1), load_model(*a))[1])
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a: (built.append(1), load_model(*a))[1])
     out = tmp_path / "dpo.pt"
     train.main(train_args(path, tmp_path / "prefs.json", out, "--dpo", "--init", str(tmp_path / "sft.pt"),
                           "--max-steps", "30", "--lr", "3e-2", "--batch-size", "8", "--micro-batch-size", "8",

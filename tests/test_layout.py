@@ -136,3 +136,27 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     for what, n in counts().items():
         print(f"{what:>26}: {n:5d} lines")
+
+
+def test_the_readmes_first_commands_name_files_a_fresh_clone_has():
+    """The first code block of the README runs verbatim on a fresh clone: every file it names is in
+    the repository (out.pt is the one the first command writes)."""
+    block = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].split() for line in block.splitlines() if line.startswith("python ")]
+    named = [words[i + 1] for words in commands for i, w in enumerate(words[:-1])
+             if w in ("--data", "--adapter")]
+    assert commands and named and all(n == "out.pt" or (ROOT / n).is_file() for n in named), named
+    assert "--adapter out.pt" in block and "--out" not in commands[0]  # the first command writes out.pt
+
+
+def test_the_model_keeps_no_decoding_state():
+    """model.py computes: a KV cache is made by new_cache and passed to forward, never kept in the
+    model; the Transformer holds its configuration, its modules and the activation-checkpointing
+    switch, and nothing that changes between calls."""
+    tree = ast.parse((ROOT / "model.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Transformer")
+    fields = {t.attr for n in ast.walk(cls) if isinstance(n, ast.Assign) for t in n.targets
+              if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    assert fields == {"args", "tok_embeddings", "layers", "norm", "output", "activation_checkpointing"}, fields
+    forward = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
+    assert "cache" in [a.arg for a in forward.args.args]

@@ -41,14 +41,14 @@ def test_the_project_passes_every_lesson():
 WRONG = {  # (lesson, the stub's first line, the wrong code, the words the check must print)
     "gate before the softmax": (3, "if prefix is not None:", """if prefix is not None:
     tokens, gate = prefix
-    pk, pv = cache.prefix_kv if cache is not None else self.prefix_kv(tokens, x.dtype)
+    pk, pv = self.prefix_kv(tokens, x.dtype) if cache is None else cache.aligner_kv
     pk, pv = pk.expand(b, *pk.shape[-3:]), pv.expand(b, *pv.shape[-3:])
     g_heads = gate.to(y.dtype).expand(b, self.n_heads).view(b, k_heads, g, 1, 1)
     p_att = (g_heads * torch.einsum("btkge,bnke->bkgtn", xq, pk) / math.sqrt(e)).softmax(-1)
     y = y + torch.einsum("bkgtn,bnke->btkge", p_att, pv)""", "not the scores inside it"),
     "RoPE on the prefix": (3, "if prefix is not None:", """if prefix is not None:
     tokens, gate = prefix
-    pk, pv = cache.prefix_kv if cache is not None else self.prefix_kv(tokens, x.dtype)
+    pk, pv = self.prefix_kv(tokens, x.dtype) if cache is None else cache.aligner_kv
     pk, pv = pk.expand(b, *pk.shape[-3:]), pv.expand(b, *pv.shape[-3:])
     pk = apply_rope(pk, rope[0][:, :pk.shape[1]], rope[1][:, :pk.shape[1]])
     p_att = (torch.einsum("btkge,bnke->bkgtn", xq, pk) / math.sqrt(e)).softmax(-1)

@@ -167,10 +167,10 @@ def test_kv_cache_decoding_equals_full_recompute(tiny, with_aligner):
     seq = tokens(1, 12)[0].tolist()
     with torch.no_grad():
         full = model(torch.tensor([seq]), aligner)[0]  # (T, vocab)
-        model.setup_cache(1, len(seq), aligner)
-        prefill = model(torch.tensor([seq[:5]]), aligner, torch.arange(5))[0]
-        steps = [model(torch.tensor([[t]]), aligner, torch.tensor([i]))[0, 0] for i, t in enumerate(seq[5:], 5)]
-        model.clear_cache()
+        cache = model.new_cache(1, len(seq), aligner)
+        prefill = model(torch.tensor([seq[:5]]), aligner, torch.arange(5), cache=cache)[0]
+        steps = [model(torch.tensor([[t]]), aligner, torch.tensor([i]), cache=cache)[0, 0]
+                 for i, t in enumerate(seq[5:], 5)]
     assert_close(torch.cat([prefill, torch.stack(steps)]), full, **logits_sums(model.args, len(seq) + 3),
                  what="logits")
 
@@ -333,9 +333,8 @@ def test_sdpa_path_equals_einsum_path(tiny):
         einsum = model(x, aligner)
         model.use_sdpa()
         fused = model(x, aligner)
-        model.setup_cache(1, 12, aligner)
-        steps = [model(x[:1, i:i + 1], aligner, torch.tensor([i]))[0, 0] for i in range(12)]
-        model.clear_cache()
+        cache = model.new_cache(1, 12, aligner)
+        steps = [model(x[:1, i:i + 1], aligner, torch.tensor([i]), cache=cache)[0, 0] for i in range(12)]
     sums = logits_sums(model.args, x.shape[1] + 3)
     assert_close(fused, einsum, **sums, what="logits, sdpa against einsum")
     assert_close(torch.stack(steps), einsum[0, :12], **sums, what="cached sdpa steps against einsum")
@@ -348,13 +347,11 @@ def test_cache_refuses_another_aligner(tiny):
     model = load_model(path)
     a, b = nonzero_aligner(model.args, 1, seed=1), nonzero_aligner(model.args, 1, seed=2)
     with torch.no_grad():
-        model.setup_cache(1, 8, a)
-        model(tokens(1, 3), a, torch.arange(3))  # the one it was set up with
+        cache = model.new_cache(1, 8, a)
+        model(tokens(1, 3), a, torch.arange(3), cache=cache)  # the one it was made with
         for other in (b, None):
             with pytest.raises(ValueError, match="another Aligner"):
-                model(tokens(1, 1), other, torch.tensor([3]))
-        model.setup_cache(1, 8, None)
+                model(tokens(1, 1), other, torch.tensor([3]), cache=cache)
         with pytest.raises(ValueError, match="another Aligner"):
-            model(tokens(1, 1), a, torch.tensor([0]))
-        model.clear_cache()
+            model(tokens(1, 1), a, torch.tensor([0]), cache=model.new_cache(1, 8, None))
         model(tokens(1, 3), b)  # no cache: any Aligner
