@@ -403,15 +403,16 @@ def dpo_equals_the_formula():
     _, ours = tiny_pair()
     policy, reference, batch = gated(ours.args, 2, seed=1), gated(ours.args, 2, seed=2), pairs_batch()
     got, _ = DPOLoss(reference, 0.1)(ours, policy, batch)
-    terms = []
+    terms, sizes = [], []
     for p in range(2):
         c, r = p, p + 2  # chosen first, then rejected
         lp = [direct_logprob(ours, m, batch.ids[i], batch.labels[i])
               for m in (policy, reference) for i in (c, r)]
         terms.append(-F.logsigmoid(0.1 * ((lp[0] - lp[1]) - (lp[2] - lp[3]))))
+        sizes += [abs(v.item()) for v in lp]
     d = diff(got, torch.stack(terms).mean())
     # beta times a difference of four log-probabilities: their size sets the rounding
-    limit = tol(None, 320, DEPTH + 1, magnitude=0.1 * 4 * max(abs(v.item()) for v in lp))
+    limit = tol(None, 320, DEPTH + 1, magnitude=0.1 * 4 * max(sizes))
     if d > limit:
         return False, (f"max |loss diff| {d:.3g}: log-probabilities summed over the response tokens of each "
                        f"sequence, chosen rows first, then rejected; beta times the difference of margins")

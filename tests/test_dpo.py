@@ -15,7 +15,7 @@ import train
 from support import checkpoint
 from support.adapter_file import from_dict, load_aligner, to_dict
 from support.checkpoint import load_model
-from data import format_prompt
+from data import IGNORE, format_prompt
 from support.tokenizer import Tokenizer
 from dpo import DPOLoss, collate_pairs, make_pairs
 from support.tolerance import assert_close, logits_sums
@@ -49,9 +49,11 @@ def test_loss_equals_the_formula(tiny):
     with torch.no_grad():
         ours, _ = loss_fn(model, policy, batch)
         direct = torch.stack([direct_dpo_loss(model, tok, policy, reference, r, 0.1) for r in records]).mean()
-        # the loss is beta times a difference of four log-probabilities: their size sets the rounding
-        logps = model(batch.ids, policy).log_softmax(-1).gather(-1, batch.ids[..., None])  # (2B, T, 1)
-        magnitude = 0.1 * 4 * logps.abs().sum(1).max().item()
+        # the loss is beta times a difference of four sums of response log-probabilities: their size
+        # sets the rounding (the logits at t predict the token at t+1)
+        logps = model(batch.ids[:, :-1], policy).log_softmax(-1)  # (2B, T-1, vocab)
+        response = logps.gather(-1, batch.ids[:, 1:, None])[..., 0] * (batch.labels[:, 1:] != IGNORE)  # (2B, T-1)
+        magnitude = 0.1 * 4 * response.abs().sum(1).max().item()
     assert abs(direct.item() - math.log(2)) > 1e-3  # policy and reference really differ
     sums = logits_sums(model.args, batch.ids.shape[1])
     assert_close(ours, direct, terms=max(sums["terms"], model.args.vocab_size), depth=sums["depth"] + 1,
