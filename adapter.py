@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from aligner import merged_bias
+from convert_weights import hf_layout
 from support import report
 from support.adapter_file import base_dir, load_aligner
 from support.checkpoint import read_state, write_dir
@@ -49,7 +50,7 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
             state[f"layers.{layer}.attention.wo.bias"] = bias.to(wo.dtype)
         args.wo_bias_from = a.start_layer
         if fmt == "hf":
-            to_hf(args, state, src, tmp)
+            to_hf(args, hf_layout(args, state), src, tmp)
         else:
             write_dir(args, state, tmp)
         for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from aligner import Aligner
+from convert_weights import hf_layout
 from data import IGNORE, Batch
 from generate import Sampling, generate_batch
 from model import CONFIGS, Transformer
@@ -52,8 +53,9 @@ def peer_model(model, n_tokens, device, dtype):
     from peft import AdaptionPromptConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    state, config = hf_state(model.args, {k: v for k, v in model.state_dict().items()
-                                          if not (model.args.tie_embeddings and k == "output.weight")})
+    ours = {k: v for k, v in model.state_dict().items()
+            if not (model.args.tie_embeddings and k == "output.weight")}
+    state, config = hf_state(model.args, hf_layout(model.args, ours))
     config.pop("architectures"), config.pop("model_type")
     config.pop("torch_dtype")
     default = torch.get_default_dtype()

@@ -17,24 +17,20 @@ import sys
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from aligner import Aligner, AlignerBatch
+from aligner import AlignerBatch
 from data import Prompt, prompt_ids, read_prompts
 from model import Transformer
-from support.adapter_file import load_aligner, one_base
-from support.chat import Chat, chat_of, converse
-from support.checkpoint import load_base
-from support.convert import model_dir
-from support.default_model import DEFAULT_MODEL_DIR
-from support.errors import UserError, run_main
-from support.flags import (Runtime, check_flags, count, flag, non_negative_float, parse_flags, path_text,
+from support.adapter_file import load_for_generation
+from support.chat import converse
+from support.errors import UserError
+from support.flags import (Runtime, check_flags, count, flag, non_negative_float, path_text, run_command,
                            positive_int, probability, random_seed)
-from support.inputs import stdin_lines, valid_text
-from support.outputs import check_output_file
+from support.inputs import prompt_lines
+from support import memory
 from support.temporary import write_jsonl
 
 
@@ -51,7 +47,7 @@ class Sampling:
         check_flags(self)
 
 
-def sample(logits, s: Sampling):
+def sample(logits, s: Sampling, generator=None):
     """Next token of each row (B, 1) from logits (B, vocab): greedy at temperature 0, else top-k/top-p."""
     if s.temperature <= 0:
         return logits.argmax(-1, keepdim=True)  # (B, 1)
@@ -64,7 +60,7 @@ def sample(logits, s: Sampling):
         probs = sorted_logits.softmax(-1)  # (B, vocab)
         cut = probs.cumsum(-1) - probs > s.top_p  # (B, vocab): outside the nucleus
         logits = logits.masked_fill(cut.scatter(-1, order, cut), float("-inf"))  # (B, vocab)
-    return torch.multinomial(logits.softmax(-1), 1)  # (B, 1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
 
 
 @torch.no_grad()
@@ -153,44 +149,10 @@ class GenerateConfig:
         check_flags(self)
         if (self.data is None) != (self.out is None):
             raise UserError("--data and --out go together: the prompts file and the answers file")
-        if self.compare and not self.adapter:
-            raise UserError("--compare needs --adapter FILE")
+        if self.no_adapter and self.adapter or self.compare and not self.adapter:
+            raise UserError("--no-adapter forbids --adapter" if self.adapter else "--compare takes --adapter")
         if self.chat and (self.data or self.compare or self.prompt or len(self.adapter or []) > 1):
             raise UserError("--chat talks with one model: one --adapter, no --data, --compare, --prompt")
-
-
-class Column(NamedTuple):  # one way of answering every prompt: the base model, or an adapter file
-    name: str
-    aligner: Aligner
-    template: str
-    chat: Chat  # the chat template when `template` is "chat", else None
-    eos_id: int  # the token that ends an answer: the chat template's end of turn, or EOS
-
-
-def load_for_generation(cfg: GenerateConfig, runtime: Runtime):
-    """(model, tokenizer, Columns), the base model's column first when asked. --out is checked
-    against every input, the base the adapters name included, before the model is loaded."""
-    adapters = [(path, load_aligner(path)) for path in cfg.adapter or [] if not cfg.no_adapter]
-    base = one_base(adapters, cfg.model)
-    if cfg.out:
-        check_output_file(cfg.out, [cfg.data, *(cfg.adapter or [])], [base or DEFAULT_MODEL_DIR])
-    path = model_dir(base)
-    device = runtime.pick_device()
-    model, tok = load_base(path, runtime, device)
-    for _, a in adapters:
-        a.check_fits(model.args, str(path))
-        a.to(device)
-    columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), tok, path) for p, a in adapters]
-    if cfg.compare or not columns:  # the base answers as the adapter is asked (in a chat with --chat)
-        template = cfg.template or (columns[0].template if columns else "chat" if cfg.chat else "alpaca")
-        columns.insert(0, column("base", None, template, tok, path))
-    return model, tok, columns
-
-
-def column(name: str, aligner, template: str, tok, path) -> Column:
-    """A Column; its chat template is the one the adapter was trained with, else the model's own."""
-    chat = chat_of(aligner, path, tok) if template == "chat" else None
-    return Column(name, aligner, template, chat, chat.stop_id if chat else tok.eos_id)
 
 
 def batches(model, columns, n_prompts: int, batch_size: int):
@@ -216,7 +178,7 @@ def answer_file(cfg: GenerateConfig, sampling: Sampling, model, tok, columns, fo
     prompts, answers = read_prompts(cfg.data), {}
     ids = {(r, c): prompt_ids(tok, p, col.template, col.chat) for r, p in enumerate(prompts)
            for c, col in enumerate(columns)}
-    longest = min(max(map(len, ids.values())) + sampling.max_new_tokens, model.args.max_seq_len)
+    longest = memory.checked_length(model, [len(i) for i in ids.values()], cfg.batch_size, sampling)
     pool = model.new_cache(cfg.batch_size, longest) if forward is not model else None  # compiled: one shape
     bar = tqdm(total=len(prompts) * len(columns), desc="answers", unit="prompt", dynamic_ncols=True)
     for batcher, chunk in batches(model, columns, len(prompts), cfg.batch_size):
@@ -244,9 +206,7 @@ def respond(cfg: GenerateConfig, sampling: Sampling, runtime: Runtime):
         reply = partial(answer, model, tok, aligner=col.aligner, sampling=sampling, stream=sys.stdout,
                         forward=forward, eos_id=col.eos_id)  # reply(ids): the answer, streamed
         return converse(col.chat, reply, model.args.max_seq_len, sampling.max_new_tokens)
-    for text in filter(str.strip, cfg.prompt or stdin_lines()):  # stdin: one prompt a line
-        if not valid_text(text):
-            raise UserError("a prompt is not valid UTF-8 text")
+    for text in prompt_lines(cfg.prompt):  # --prompt, else stdin: one prompt a line
         for col in columns:
             if len(columns) > 1:  # label each answer: base and aligned, or the adapter's file
                 label = "aligned" if len(columns) == 2 and col.aligner else col.name
@@ -256,7 +216,7 @@ def respond(cfg: GenerateConfig, sampling: Sampling, runtime: Runtime):
 
 
 def main(argv=None):
-    run_main(lambda: respond(*parse_flags(argv, __doc__, GenerateConfig, Sampling, Runtime)))
+    run_command(respond, argv, __doc__, GenerateConfig, Sampling, Runtime)
 
 
 if __name__ == "__main__":

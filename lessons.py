@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT / "lessons"))
 from catalog import LESSONS, Blank  # noqa: E402
 from support.errors import UserError, run_main  # noqa: E402
 from support.flags import path_text, positive_int  # noqa: E402
+from support.outputs import check_output_dir  # noqa: E402
+from support.temporary import new_directory  # noqa: E402
 
-MARKER = ".aligner-lesson"  # in every folder `start` makes: --force replaces only those
 COPIED = ["model.py", "aligner.py", "data.py", "generate.py", "train.py", "dpo.py"]
 
 
@@ -64,35 +65,22 @@ def blank(source: str, b: Blank) -> str:
     return "\n".join(lines[:first] + [indent + s for s in b.stub.splitlines()] + lines[last:]) + "\n"
 
 
-def make_room(folder: Path, force: bool):
-    """An empty folder of the student's own: never inside the project, never over work without --force,
-    and never over a folder that `start` did not make, even with --force."""
-    if folder.resolve() == ROOT or ROOT in folder.resolve().parents:
-        raise UserError(f"{folder} is inside the project; start a lesson in a folder of your own")
-    if folder.is_symlink() or folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; name another with --dir")
-    if folder.exists() and any(folder.iterdir()):
-        if not (folder / MARKER).is_file():
-            raise UserError(f"{folder} holds files that lessons.py did not put there; name an empty or new "
-                            f"folder with --dir")
-        if not force:
-            raise UserError(f"{folder} already holds a lesson (your work?); pass --force to start over, or "
-                            f"--dir another folder")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).write_text("a copy of the primer made by lessons.py start\n")
-
-
 def start(number: str, folder, force: bool):
+    """A copy of the primer in a folder of the student's own: never inside the project, and made as
+    every output directory is (support/outputs.py): never over files without --force, and with --force
+    only over a folder that `start` made, holding no file it did not write (your notes stay yours)."""
     entry = lesson(number)
     folder = Path(folder or Path.home() / "aligner-lessons" / f"lesson-{entry.number}").expanduser()
-    make_room(folder, force)
-    shutil.copytree(ROOT / "support", folder / "support", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in COPIED:
-        source = (ROOT / name).read_text()
-        for b in (b for b in entry.blanks if b.file == name):
-            source = blank(source, b)
-        (folder / name).write_text(source)
+    if folder.resolve() == ROOT or ROOT in folder.resolve().parents:
+        raise UserError(f"{folder} is inside the project; start a lesson in a folder of your own")
+    check_output_dir(folder, force=force)
+    with new_directory(folder, f"lessons.py start {entry.number}") as tmp:
+        shutil.copytree(ROOT / "support", tmp / "support", ignore=shutil.ignore_patterns("__pycache__"))
+        for name in COPIED:
+            source = (ROOT / name).read_text()
+            for b in (b for b in entry.blanks if b.file == name):
+                source = blank(source, b)
+            (tmp / name).write_text(source)
     print(f"lesson {entry.number}, {entry.title}: your copy is in {folder}")
     files = ", ".join(sorted({b.file for b in entry.blanks}))
     print(f"read lessons/{entry.page}, write the stubs in {files}, then: python lessons.py check "
@@ -118,7 +106,8 @@ def main(argv=None):
     s = sub.add_parser("start", help="copy the primer with a lesson's code left for you to write")
     s.add_argument("lesson", help="the lesson's number")
     s.add_argument("--dir", type=path_text, help="your folder (default: ~/aligner-lessons/lesson-N)")
-    s.add_argument("--force", action="store_true", help="start over in a folder that holds files")
+    s.add_argument("--force", action="store_true", help="start over in a folder that `start` made (your "
+                   "edits to its copies are lost; a file it did not write stops it)")
     lab = sub.add_parser("lab", help="an open lab: train a variant on the embedded model and measure it")
     lab.add_argument("name", choices=["tanh", "layer-gate", "start-layer"])
     lab.add_argument("--steps", type=positive_int, default=40, help="optimizer steps of 8 (default 40)")

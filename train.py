@@ -17,7 +17,7 @@ Read next: dpo.py (the loss that --dpo puts in place of `sft_loss`), then suppor
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,20 +27,19 @@ from tqdm import tqdm
 
 from aligner import Aligner
 from data import IGNORE, Batch, batch_indices, collate, load_examples, split
-from support.tokenizer import Tokenizer
 from generate import Sampling, generate
 from model import Transformer
 from support import parallel, report
-from support.adapter_file import load_aligner, read_checkpoint, restore_optimizer, to_dict
-from support.chat import Chat, template_of
+from support.adapter_file import load_aligner, resume_checkpoint, save_checkpoint
+from support.chat import chat_of
 from support.checkpoint import load_base
 from support.convert import model_dir
-from support.default_model import DEFAULT_MODEL_DIR
-from support.errors import Terminated, UserError, run_main
-from support.flags import (Runtime, check_flags, count, flag, fraction, non_negative_float, parse_flags,
-                           path_text, positive_float, positive_int, random_seed)
-from support.outputs import check_output_file
-from support.temporary import StagedLines, atomic_save
+from support.errors import UserError
+from support.flags import (Runtime, check_flags, count, flag, fraction, non_negative_float, run_command,
+                           path_text, positive_float, positive_int, random_seed, epoch_count, step_count)
+from support.outputs import check_outputs
+from support.temporary import StagedLines
+from support.tokenizer import Tokenizer
 
 
 @dataclass
@@ -53,8 +52,8 @@ class TrainConfig:
     start_layer: int = flag(2, "first layer that attends to the Aligner", count)
     per_layer: bool = flag(False, "one prompt per layer: the LLaMA-Adapter baseline")
     init: str = flag(None, "start from this adapter (with --dpo: also the reference policy)", path_text)
-    epochs: float = flag(8, "passes over the training data", positive_float)
-    max_steps: int = flag(None, "optimizer steps (overrides --epochs)", positive_int)
+    epochs: float = flag(8, "passes over the training data", epoch_count)
+    max_steps: int = flag(None, "optimizer steps (overrides --epochs)", step_count)
     max_time: float = flag(None, "stop after this many seconds of training (and save)", positive_float)
     batch_size: int = flag(64, "examples per optimizer step", positive_int)
     micro_batch_size: int = flag(8, "examples per forward pass (gradient accumulation)", positive_int)
@@ -83,8 +82,7 @@ class TrainConfig:
     def __post_init__(self):
         """Each flag's own check (as the command line does), then the combinations."""
         check_flags(self)
-        if self.lr is None:
-            self.lr = 1e-4 if self.dpo else 9e-3
+        self.lr = self.lr or (1e-4 if self.dpo else 9e-3)
         if self.batch_size % self.micro_batch_size:
             raise UserError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
                             f"{self.micro_batch_size}")
@@ -120,14 +118,14 @@ class Run:
     """What a run holds besides its config: made by `setup`, advanced by `train_step`."""
     model: Transformer  # the frozen base
     forward: Callable  # the model, or torch.compile(model)
-    tok: Tokenizer
+    tok: Tokenizer  # the base's, from load_base
     aligner: Aligner  # what trains
     loss_fn: Callable  # (model, aligner, batch) -> (loss, statistics): sft_loss, or a dpo.DPOLoss
     collate: Callable  # (examples, pad id, device) -> Batch: data.collate, or dpo.collate_pairs
     optimizer: torch.optim.Optimizer
     train_set: list  # Examples (dpo.Pairs with --dpo)
     val: list
-    ranks: parallel.Ranks
+    ranks: parallel.Ranks  # this process among the torchrun processes
     total: int  # optimizer steps
     warmup: int
     step: int = 0
@@ -137,22 +135,22 @@ class Run:
 def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     """Everything the loop needs; `model` is a base already loaded (demo.py reuses one)."""
     if cfg.out:  # before any work: --out and its metrics file may cost the user no file
-        for out in (cfg.out, metrics_path(cfg)):
-            check_output_file(out, [cfg.data, cfg.init], [cfg.model or DEFAULT_MODEL_DIR])
+        check_outputs([cfg.out, metrics_path(cfg)], [cfg.data, cfg.init], cfg.model)
     path = model_dir(cfg.model)
     torch.manual_seed(cfg.seed)
     ranks = parallel.setup(runtime.pick_device(), cfg.shard)
     if cfg.batch_size % (cfg.micro_batch_size * ranks.world):  # the config checked it for one process
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
                         f"{cfg.micro_batch_size} times the {ranks.world} process(es)")
-    checkpoint = read_checkpoint(cfg.out, resume_flags(cfg, path, runtime)) if cfg.resume else None
-    model, tok = load_base(path, runtime, ranks.device, model)
+    checkpoint = resume_checkpoint(cfg.out, resume_flags(cfg, path, runtime)) if cfg.resume else None
+    model, tok = load_base(path, runtime, ranks.device, model, training=cfg)  # memory checked first
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.shard:
-        parallel.shard_model(model)
-    data, loss_fn, batcher = load_data(cfg, tok, path, model.args.max_seq_len)
+        ranks.shard(model)
+    chat = chat_of(None, path, tok) if cfg.template == "chat" else None  # the model's own template
+    data, loss_fn, batcher = load_data(cfg, tok, path, model.args.max_seq_len, chat)
     val, train_set = split(data.examples, cfg.val_fraction, cfg.seed)
-    aligner = make_aligner(cfg, model, path, checkpoint, runtime.quantize).to(ranks.device)
+    aligner = make_aligner(cfg, model, path, checkpoint, runtime.quantize, chat).to(ranks.device)
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
@@ -161,20 +159,19 @@ def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     forward = torch.compile(model) if runtime.compile else model
     run = Run(model, forward, tok, aligner, loss_fn, batcher, optimizer, train_set, val, ranks, total, warmup)
     if checkpoint is not None:
-        restore_optimizer(optimizer, checkpoint[0]["optimizer"], cfg.out)
-        run.step = checkpoint[0]["step"]
+        checkpoint.restore(optimizer)  # its moments, each checked against its parameter
+        run.step = checkpoint.step
     if ranks.rank == 0:
         print(report.describe_run(run, cfg, path, data))
     return run
 
 
-def load_data(cfg: TrainConfig, tok: Tokenizer, path: Path, context: int):
+def load_data(cfg: TrainConfig, tok: Tokenizer, path: Path, context: int, chat=None):
     """(data, loss, batcher): examples (or conversations) for sft_loss, or with --dpo preference pairs
     for dpo.py's loss, whose reference policy is --init (or the base alone)."""
     cfg.max_seq_len = cfg.max_seq_len or min(512, context)  # the default, now that the context is known
     if cfg.max_seq_len > context:  # a sliding window shorter than the run's sequences is refused here
         raise UserError(f"--max-seq-len {cfg.max_seq_len} is past the context of {path}: {context} at most")
-    chat = Chat(template_of(path), tok) if cfg.template == "chat" else None
     if not cfg.dpo:
         data = load_examples(cfg.data, tok, cfg.max_seq_len, cfg.template, cfg.full_text, chat)
         return data, sft_loss, collate
@@ -195,15 +192,16 @@ def resume_flags(cfg: TrainConfig, path: Path, runtime: Runtime) -> dict:
             "--quantize": runtime.quantize, "--init": cfg.init}
 
 
-def make_aligner(cfg: TrainConfig, model: Transformer, path: Path, checkpoint, quantize: str) -> Aligner:
-    """The Aligner to train: resumed, started from --init, or new (zero gates)."""
+def make_aligner(cfg: TrainConfig, model: Transformer, path: Path, checkpoint, quantize, chat) -> Aligner:
+    """The Aligner to train: resumed, started from --init, or new (zero gates); `chat`: the Chat of
+    --template chat, whose template the Aligner records."""
     meta = {"base": str(path.resolve()), "template": cfg.template, "mode": "dpo" if cfg.dpo else "sft",
             "data": Path(cfg.data).name, "quantize": quantize,
-            **({"chat_template": template_of(path)} if cfg.template == "chat" else {})}
+            **({"chat_template": chat.source} if chat else {})}
     if checkpoint is not None:
-        aligner = checkpoint[1]
+        aligner = checkpoint.aligner
     elif cfg.init:
-        aligner = load_aligner(cfg.init)
+        aligner = load_aligner(cfg.init, like=cfg)
         aligner.meta.update(meta)
     else:
         aligner = Aligner(model.args, cfg.tokens, cfg.start_layer, cfg.per_layer, meta)
@@ -228,8 +226,8 @@ def train_step(run: Run, cfg: TrainConfig):
         (loss / accum).backward()  # the mean over the micro-batches
         loss_sum, n_seen = loss_sum + loss.item() / accum, n_seen + batch.ids.numel() * run.ranks.world
         stats.append(batch_stats)
-    parallel.sum_grads(list(run.aligner.parameters()), run.ranks)
-    loss_sum = parallel.all_sum(loss_sum, run.ranks)
+    run.ranks.sum_grads(list(run.aligner.parameters()))
+    loss_sum = run.ranks.all_sum(loss_sum)
     if not math.isfinite(loss_sum):
         raise UserError(f"loss became {loss_sum} at step {run.step}: stopped; {cfg.out} keeps the last "
                         f"good checkpoint (try a lower --lr)")
@@ -280,8 +278,7 @@ def save(run: Run, cfg: TrainConfig, metrics: StagedLines):
         raise UserError(f"the Aligner after step {run.step} gives loss {loss}: stopped without saving it; "
                         f"{cfg.out} keeps the last good checkpoint (try a lower --lr)")
     if run.ranks.rank == 0:
-        atomic_save({"aligner": to_dict(run.aligner), "optimizer": run.optimizer.state_dict(),
-                     "step": run.step, "config": asdict(cfg)}, cfg.out)
+        save_checkpoint(run.aligner, run.optimizer, run.step, cfg, cfg.out)
         metrics.publish()
 
 
@@ -321,28 +318,28 @@ def should_stop(run: Run, cfg: TrainConfig, seconds: float, stop: list, bar) -> 
     out_of_time = bool(cfg.max_time) and seconds > cfg.max_time
     if out_of_time:
         bar.write(f"stopping at step {run.step}: --max-time {cfg.max_time}s reached")
-    return parallel.all_sum(float(bool(stop) or out_of_time), run.ranks) > 0
+    return run.ranks.all_sum(float(bool(stop) or out_of_time)) > 0
 
 
 def train(cfg: TrainConfig, runtime: Runtime = Runtime(), model=None) -> Run:
-    """Set up, loop, save. Returns the finished Run (its aligner, its model); after saving, raises
-    KeyboardInterrupt when Ctrl-C stopped the run, and Terminated when SIGTERM did."""
+    """Set up, loop, save. Returns the finished Run (its aligner, its model); after saving, raises the
+    signal that stopped the run again: Ctrl-C's KeyboardInterrupt, SIGTERM to the command's handler."""
     run = setup(cfg, runtime, model)
     with StagedLines(metrics_path(cfg) if cfg.out and run.ranks.rank == 0 else None, cfg.resume) as metrics:
         stop = loop(run, cfg, metrics)
         save(run, cfg, metrics)
-    parallel.finish(run.ranks)
+    run.ranks.finish()
     if run.ranks.rank == 0 and cfg.out:
         said = "terminated: " if signal.SIGTERM in stop else "interrupted: " if stop else ""
         print(f"{said}saved {cfg.out} at step {run.step} "
               f"({run.aligner.n_params():,} parameters); metrics in {metrics_path(cfg)}")
     if stop:
-        raise Terminated() if signal.SIGTERM in stop else KeyboardInterrupt()
+        signal.raise_signal(signal.SIGTERM if signal.SIGTERM in stop else signal.SIGINT)
     return run
 
 
 def main(argv=None):
-    run_main(lambda: train(*parse_flags(argv, __doc__, TrainConfig, Runtime)))
+    run_command(train, argv, __doc__, TrainConfig, Runtime)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ from aligner import Aligner  # noqa: E402
 from support.adapter_file import save_aligner  # noqa: E402
 from support.checkpoint import read_params  # noqa: E402
 from support.convert import model_dir  # noqa: E402
+from support.errors import run_main  # noqa: E402
+from support.flags import path_text, positive_int  # noqa: E402
+from support.outputs import check_output_file  # noqa: E402
+from support.temporary import write_jsonl  # noqa: E402
 
 
 def write_aligners(folder: Path, base: Path, n: int):
@@ -96,14 +100,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="converted base model directory (default: the embedded SmolLM2)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=32,
+    p.add_argument("--clients", type=positive_int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=positive_int, default=32,
                    help="requests per measurement (a multiple of each --clients)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--out", help="also write the rows as JSON lines here")
-    flags = p.parse_args(argv)
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--context", type=positive_int, default=256)
+    p.add_argument("--out", type=path_text, help="also write the rows as JSON lines here")
+    run_main(measure, p.parse_args(argv))
+
+
+def measure(flags):
     base = model_dir(flags.model)
+    if flags.out:  # the output gate, before any work
+        check_output_file(flags.out, input_dirs=[base])
     with tempfile.TemporaryDirectory() as tmp:
         write_aligners(Path(tmp), base, max(flags.clients))
         proc, port = start_server(Path(tmp), base, flags)
@@ -120,7 +129,7 @@ def main(argv=None):
         print(f"{r['clients']:>7} {r['aligners']:>9} {r['tokens_per_s']:>9.1f} {ratio:>16.2f} "
               f"{r['p50_s']:>7.2f} {r['p95_s']:>7.2f}")
     if flags.out:
-        Path(flags.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(flags.out, rows)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ from support.convert import model_dir  # noqa: E402
 from support.errors import UserError, run_main  # noqa: E402
 from support.flags import (DTYPES, Runtime, check_flags, flag, parse_flags, path_text,  # noqa: E402
                            positive_int)
-from support.outputs import check_output_file  # noqa: E402
-from support.temporary import write_jsonl  # noqa: E402
+from support.outputs import check_output_dir, check_output_file  # noqa: E402
+from support.temporary import added_folder, write_jsonl  # noqa: E402
 from support.tokenizer import Tokenizer  # noqa: E402
 from train import TrainConfig, setup, sft_loss, train_step  # noqa: E402
 
@@ -523,6 +523,7 @@ def experiment(cfg: ExperimentConfig):
     out = Path(cfg.out)
     if out.exists() and not out.is_dir() or str(cfg.out).endswith(".jsonl"):
         raise UserError(f"--out {cfg.out} must be a folder (cells.jsonl, results.md, ... go inside it)")
+    check_output_dir(out, add=True)  # never / or the current folder; one this project made, or a new one
     for name in OUTPUTS:  # each file the run writes passes the output gate, before any work
         check_output_file(out / name)
     path = model_dir(None)
@@ -530,8 +531,8 @@ def experiment(cfg: ExperimentConfig):
     model, tok = load_model(path, "cpu", DTYPES[cfg.dtype]), Tokenizer(path)
     done, n_layers = read_cells(out / "cells.jsonl"), model.args.n_layers
     check_budget(out, plan(cfg, done, n_layers), done)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
+    with added_folder(out, "experiments/form_vs_knowledge.py", OUTPUTS), \
+            tempfile.TemporaryDirectory() as scratch:
         bench = Bench(model, tok, path, make_tasks(cfg, Path(scratch)))
         write_tasks(bench.tasks)
         run_cells(grid_cells(cfg), done, cfg, bench, out)

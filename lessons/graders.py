@@ -32,15 +32,17 @@ OFFICIAL = ROOT.parent / "shared" / "official_aligner"
 TERMS, DEPTH = 96, 5  # the tiny model's longest sum (feed-forward width) and its stages (4 layers, output)
 
 
-def _project_tolerance():
-    """support/tolerance.py of the project (not of the student's copy, which a student may change)."""
-    spec = importlib.util.spec_from_file_location("project_tolerance", ROOT / "support" / "tolerance.py")
+def _project(path: str):
+    """A file of the project loaded by its path (not the student's copy, which a student may change)."""
+    spec = importlib.util.spec_from_file_location(f"project_{Path(path).stem}", ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-TOLERANCE = _project_tolerance()
+TOLERANCE = _project("support/tolerance.py")
+REFERENCES = _project("lessons/references.py")  # the reference checks the tests use too
+nonzero_aligner = REFERENCES.nonzero_aligner
 
 
 def tol(reference, terms=TERMS, depth=DEPTH, magnitude=None) -> float:
@@ -52,11 +54,12 @@ def tol(reference, terms=TERMS, depth=DEPTH, magnitude=None) -> float:
 
 @functools.lru_cache
 def tiny_folder() -> Path:
-    """A random LlamaForCausalLM saved by transformers, and the same converted by the student's
-    support/convert.py, made once per process (non-trivial norms: ones would hide a missing norm)."""
+    """A random LlamaForCausalLM saved by transformers, and the same converted by the project's
+    convert_weights.py (a lesson folder holds none), made once per process (non-trivial norms: ones
+    would hide a missing norm)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from support.convert import convert
+    convert = _project("convert_weights.py").convert
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -87,16 +90,6 @@ def tiny_pair():
 
 def ids(b=2, t=13, seed=1):
     return torch.randint(3, 320, (b, t), generator=torch.Generator().manual_seed(seed))  # (B, T)
-
-
-def gated(args, n_tokens, seed=3, per_layer=False):
-    from aligner import Aligner
-
-    torch.manual_seed(seed)
-    a = Aligner(args, n_tokens, per_layer=per_layer)
-    with torch.no_grad():
-        a.gates.normal_(0, 0.5)  # non-zero: zero gates would switch the Aligner off
-    return a
 
 
 def diff(a, b) -> float:
@@ -164,12 +157,8 @@ def cached_decoding_equals_recomputation():
 
     hf, ours = tiny_pair()
     seq = ids(1, 12)[0].tolist()
-    full = ours(torch.tensor([seq]))[0]  # (T, vocab)
-    cache = ours.new_cache(1, len(seq))
-    prefill = ours(torch.tensor([seq[:5]]), None, torch.arange(5), cache=cache)[0]  # (5, vocab)
-    steps = [ours(torch.tensor([[t]]), None, torch.tensor([i]), cache=cache)[0, 0]
-             for i, t in enumerate(seq[5:], 5)]
-    d, limit = diff(torch.cat([prefill, torch.stack(steps)]), full), tol(full)
+    cached, full = REFERENCES.cached_and_full(ours, seq)  # (T, vocab) each
+    d, limit = diff(cached, full), tol(full)
     if d > limit:
         return False, (f"max |logit diff| {d:.3g} between cached and full decoding: KVCache.update must "
                        f"write xk, xv at columns pos of its buffers and return all of them")
@@ -187,14 +176,11 @@ def cached_decoding_equals_recomputation():
 @torch.no_grad()
 def zero_gates_add_nothing():
     """An Aligner whose gates are all zero gives exactly the base model."""
-    from aligner import Aligner
-
     _, ours = tiny_pair()
-    a = Aligner(ours.args, n_tokens=3)
+    a, with_it, without = REFERENCES.zero_gate_logits(ours, ids())
     if a.gates.abs().sum() != 0:
         return False, "a new Aligner's gates must start at zero (the model starts as exactly the base model)"
-    x = ids()
-    d = diff(ours(x, a), ours(x))
+    d = diff(with_it, without)
     if d != 0:
         return False, (f"max |logit diff| {d:.3g} with zero gates, expected exactly 0: the gate multiplies "
                        f"the prefix attention's output (after its softmax), not the scores inside it")
@@ -218,22 +204,11 @@ def rope_calls(ours, a, x) -> int:
 def aligner_equals_peft():
     """The Aligner against PEFT's AdaptionPrompt with the same prompt in every layer from 2 on and
     non-zero per-head gates, N = 1 and N = 3 (PEFT's own prefix code: no RoPE, its own softmax)."""
-    import re
-
-    from peft import AdaptionPromptConfig, get_peft_model
-
     results = []
     for n in (1, 3):
         hf, ours = tiny_pair()
-        a, x = gated(ours.args, n), ids()
-        pm = get_peft_model(hf, AdaptionPromptConfig(adapter_len=n, adapter_layers=2, task_type="CAUSAL_LM"))
-        for name, mod in pm.named_modules():
-            if hasattr(mod, "adaption_prompt"):
-                layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
-                mod.adaption_prompt = torch.nn.Parameter(a.tokens.detach()[None].clone())  # (1, N, D)
-                gate = a.gates[layer - 2].view(1, -1, 1, 1)  # (1, H, 1, 1)
-                mod.adaption_gate = torch.nn.Parameter(gate.clone())
-        want = pm.eval()(input_ids=x).logits  # (B, T, vocab)
+        a, x = nonzero_aligner(ours.args, n), ids()
+        want, _ = REFERENCES.peft_logits(hf, a, x)  # (B, T, vocab)
         d, limit = diff(ours(x, a), want), tol(want)
         results.append(d)
         if d > limit and rope_calls(ours, a, x) > 2 * ours.args.n_layers:
@@ -292,7 +267,7 @@ def loss_equals_full_logits():
     from train import sft_loss
 
     _, ours = tiny_pair()
-    a, batch = gated(ours.args, 2), batch_of()
+    a, batch = nonzero_aligner(ours.args, 2), batch_of()
     loss, _ = sft_loss(ours, a, batch)
     loss.backward()
     grad, a.gates.grad = a.gates.grad.clone(), None
@@ -312,7 +287,7 @@ def steps(ours, micro: int, n: int, lr: float, batch):
     from support.parallel import Ranks
     from train import Run, TrainConfig, sft_loss, train_step
 
-    a = gated(ours.args, 2)
+    a = nonzero_aligner(ours.args, 2)
     examples = [Example(i.tolist(), y.tolist(), []) for i, y in zip(batch.ids, batch.labels)]
     cfg = TrainConfig(data="x", batch_size=4, micro_batch_size=micro, lr=lr, warmup_steps=0, max_steps=n)
     optimizer = torch.optim.AdamW(a.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -343,7 +318,7 @@ def training_changes_only_the_aligner():
     before, batch = {k: v.clone() for k, v in ours.state_dict().items()}, batch_of()
     trained = steps(ours, 2, 10, 3e-2, batch)
     with torch.no_grad():
-        start, end = (sft_loss(ours, a, batch)[0].item() for a in (gated(ours.args, 2), trained))
+        start, end = (sft_loss(ours, a, batch)[0].item() for a in (nonzero_aligner(ours.args, 2), trained))
     if not all(torch.equal(before[k], v) for k, v in ours.state_dict().items()):  # exact: never written
         return False, "the base model's weights changed: only the Aligner trains"
     if not end < start:
@@ -361,7 +336,7 @@ def merge_equals_base_plus_aligner():
     from model import Transformer
 
     _, ours = tiny_pair()
-    a, args = gated(ours.args, 1), ours.args
+    a, args = nonzero_aligner(ours.args, 1), ours.args
     state = dict(ours.state_dict())
     for layer in range(a.start_layer, args.n_layers):
         attention = ours.layers[layer].attention
@@ -401,7 +376,8 @@ def dpo_equals_the_formula():
     from dpo import DPOLoss
 
     _, ours = tiny_pair()
-    policy, reference, batch = gated(ours.args, 2, seed=1), gated(ours.args, 2, seed=2), pairs_batch()
+    policy, reference = nonzero_aligner(ours.args, 2, seed=1), nonzero_aligner(ours.args, 2, seed=2)
+    batch = pairs_batch()
     got, _ = DPOLoss(reference, 0.1)(ours, policy, batch)
     terms, sizes = [], []
     for p in range(2):
@@ -429,7 +405,7 @@ def dpo_keeps_one_base_model():
     from dpo import DPOLoss
 
     _, ours = tiny_pair()
-    policy, reference = gated(ours.args, 1, seed=1), gated(ours.args, 1, seed=2)
+    policy, reference = nonzero_aligner(ours.args, 1, seed=1), nonzero_aligner(ours.args, 1, seed=2)
     loss_fn = DPOLoss(reference, 0.1)
     modules = [v for v in vars(loss_fn).values() if isinstance(v, torch.nn.Module)]
     held = [m for m in modules if not isinstance(m, Aligner)]

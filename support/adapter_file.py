@@ -6,21 +6,31 @@ every field checked.
     aligner = load_aligner("out.pt")        # ours, a training checkpoint, or an official .pth
     path = base_dir(aligner, "out.pt")      # the base model directory it was trained on
     path = one_base([("a.pt", a), ("b.pt", b)])  # the one base of several (or a UserError)
-    checkpoint, aligner = read_checkpoint("out.pt", {"--tokens": 1})  # train.py's, for --resume
+    save_checkpoint(aligner, optimizer, step, cfg, "out.pt")       # train.py's, for --resume
+    checkpoint = resume_checkpoint("out.pt", {"--tokens": 1})      # .aligner, .step, .restore(optimizer)
+    aligner = load_aligner("sft.pt", like=cfg)  # --init, its --tokens/--start-layer/--per-layer as cfg's
+    model, tok, columns = load_for_generation(cfg, runtime)  # generate.py: the base and a Column each
 
 The format ("aligner-v1"): {"format", "tokens", "gates", "config": {n_tokens, start_layer,
 per_layer, dim, n_layers, n_heads, and plain metadata: base, template, mode, ...}}.
 Not run on its own. Read next: parallel.py.
 """
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from aligner import Aligner
 from model import ModelArgs
+from support.chat import Chat, chat_of
+from support.checkpoint import load_base
+from support.convert import model_dir
 from support.errors import UserError
+from support.flags import MAX_STEPS
 from support.inputs import load_weights
 from support.official import read_official_aligner
+from support.outputs import check_outputs
 from support.temporary import atomic_save
 
 FORMAT = "aligner-v1"
@@ -38,9 +48,10 @@ def save_aligner(a: Aligner, path):
     atomic_save(to_dict(a), path)
 
 
-def load_aligner(path) -> Aligner:
-    """Our adapter file, a training checkpoint, or an official released Aligner checkpoint."""
-    return from_state(load_weights(path), path)
+def load_aligner(path, like=None) -> Aligner:
+    """Our adapter file, a training checkpoint, or an official released Aligner checkpoint. With
+    `like` (train.py's --init: its config), the flags that define an Aligner must say what it is."""
+    return from_state(load_weights(path), path) if like is None else load_init(path, like)
 
 
 def base_dir(a: Aligner, where="the adapter", model=None) -> Path:
@@ -107,14 +118,36 @@ def from_tensors(tokens, gates, start_layer: int, per_layer: bool, meta: dict, w
     (n_gated, n_heads), (n_tokens, dim) = gates.shape, tokens.shape[-2:]
     if per_layer and tokens.shape[0] != n_gated:
         raise UserError(f"{where}: {tokens.shape[0]} per-layer prompts for {n_gated} gated layers")
-    args = ModelArgs(dim=dim, n_layers=start_layer + n_gated, n_heads=n_heads)
-    aligner = Aligner(args, n_tokens, start_layer, per_layer, meta)
+    try:  # the checks of a flag, here on numbers the file holds: the file is damaged, no flag is bad
+        args = ModelArgs(dim=dim, n_layers=start_layer + n_gated, n_heads=n_heads)
+        aligner = Aligner(args, n_tokens, start_layer, per_layer, meta)
+    except UserError as e:
+        raise UserError(f"{where}: the file is damaged: its {str(e).lstrip('-')}") from None
     aligner.load_state_dict({"tokens": tokens.float(), "gates": gates.float()})
     return aligner
 
 
-def read_checkpoint(path, given: dict):
-    """(checkpoint dict, its Aligner) of a file that train.py's `save` wrote, for --resume: its fields
+def save_checkpoint(aligner: Aligner, optimizer, step: int, cfg, path):
+    """train.py's checkpoint, atomically: the Aligner (what generate.py reads), the optimizer state
+    and the step (what --resume reads), and the config (a train.TrainConfig)."""
+    atomic_save({"aligner": to_dict(aligner), "optimizer": optimizer.state_dict(), "step": step,
+                 "config": asdict(cfg)}, path)
+
+
+class Resumed(NamedTuple):
+    """A training checkpoint read for --resume: its Aligner and step, and `restore(optimizer)`, which
+    puts its optimizer state into the new run's optimizer (restore_optimizer)."""
+    aligner: Aligner
+    step: int
+    state: dict  # the checkpoint as read
+    path: str
+
+    def restore(self, optimizer):
+        restore_optimizer(optimizer, self.state["optimizer"], self.path)
+
+
+def resume_checkpoint(path, given: dict) -> Resumed:
+    """The Resumed of a file that train.py's `save` wrote, for --resume: its fields
     checked like an adapter's, and each flag of `given` ({"--tokens": 1, ...}: what defines the
     Aligner and its base) equal to what the checkpoint was trained with."""
     d = load_weights(path)
@@ -122,8 +155,9 @@ def read_checkpoint(path, given: dict):
         raise UserError(f"{path} is an adapter but not a training checkpoint of train.py, so it "
                         f"cannot be resumed; start a new run from it with --init {path}")
     aligner = from_dict(d["aligner"], path)
-    if type(d["step"]) is not int or d["step"] < 0:
-        raise UserError(f"{path}: its step {d['step']!r} is not a whole number >= 0; the file is damaged")
+    if type(d["step"]) is not int or not 0 <= d["step"] <= MAX_STEPS:
+        raise UserError(f"{path}: its step {d['step']!r} is not a whole number from 0 to {MAX_STEPS:,}; "
+                        f"the file is damaged")
     config = d["config"] if isinstance(d.get("config"), dict) else {}
     trained = {"--tokens": aligner.n_tokens, "--start-layer": aligner.start_layer,
                "--per-layer": aligner.per_layer, "--model": aligner.meta.get("base"),
@@ -134,7 +168,21 @@ def read_checkpoint(path, given: dict):
         if value != trained[flag]:
             raise UserError(f"--resume: {flag} is {value!r} here, but {path} was trained with "
                             f"{trained[flag]!r}: give the same value, or leave out --resume to start anew")
-    return d, aligner
+    return Resumed(aligner, d["step"], d, path)
+
+
+def load_init(path, cfg) -> Aligner:
+    """The adapter that --init names, when the flags that define an Aligner (--tokens, --start-layer,
+    --per-layer) say what it is: a run started from it is that Aligner, as a resumed run is."""
+    aligner = load_aligner(path)
+    have = {"--tokens": aligner.n_tokens, "--start-layer": aligner.start_layer,
+            "--per-layer": aligner.per_layer}
+    for flag, value in have.items():
+        given = getattr(cfg, flag[2:].replace("-", "_"))
+        if given != value:
+            raise UserError(f"--init: {flag} is {given!r} here, but {path} has {value!r}: give the same "
+                            f"value (or leave out --init to train a new Aligner)")
+    return aligner
 
 
 def restore_optimizer(optimizer, state, where):
@@ -153,3 +201,38 @@ def restore_optimizer(optimizer, state, where):
                 ok = isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape == p.shape)
                 if not ok or not torch.isfinite(t).all() or name == "step" and t.item() < 0:
                     raise UserError(f"{where}: its optimizer state {name!r} is damaged")
+
+
+class Column(NamedTuple):  # one way of answering every prompt: the base model, or an adapter file
+    name: str
+    aligner: Aligner
+    template: str
+    chat: Chat  # the chat template when `template` is "chat", else None
+    eos_id: int  # the token that ends an answer: the chat template's end of turn, or EOS
+
+
+def load_for_generation(cfg, runtime):
+    """(model, tokenizer, Columns) for generate.py's config `cfg` (its --adapter, --model, --template,
+    --compare, --chat, --data, --out): the base model's column first when asked. --out is checked
+    against every input, the base the adapters name included, before the model is loaded."""
+    adapters = [(path, load_aligner(path)) for path in cfg.adapter or [] if not cfg.no_adapter]
+    base = one_base(adapters, cfg.model)
+    if cfg.out:
+        check_outputs([cfg.out], [cfg.data, *(cfg.adapter or [])], base)
+    path = model_dir(base)
+    device = runtime.pick_device()
+    model, tok = load_base(path, runtime, device)
+    for _, a in adapters:
+        a.check_fits(model.args, str(path))
+        a.to(device)
+    columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), tok, path) for p, a in adapters]
+    if cfg.compare or not columns:  # the base answers as the adapter is asked (in a chat with --chat)
+        template = cfg.template or (columns[0].template if columns else "chat" if cfg.chat else "alpaca")
+        columns.insert(0, column("base", None, template, tok, path))
+    return model, tok, columns
+
+
+def column(name: str, aligner, template: str, tok, path) -> Column:
+    """A Column; its chat template is the one the adapter was trained with, else the model's own."""
+    chat = chat_of(aligner, path, tok) if template == "chat" else None
+    return Column(name, aligner, template, chat, chat.stop_id if chat else tok.eos_id)

@@ -41,6 +41,9 @@ def check_args(args: ModelArgs, where) -> ModelArgs:
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
         raise UserError(f"{where}: dim {args.dim}, n_heads {args.n_heads} and n_kv_heads "
                         f"{args.n_kv_heads} do not divide into even heads")
+    if args.rope_theta <= 1:  # the frequencies theta^(-2i/E) must fall from 1: below 1 they grow past float
+        raise UserError(f"{where}: rope_theta is {args.rope_theta!r}, but RoPE's base must be above 1 "
+                        f"(LLaMA uses 10,000 or 500,000)")
     if args.rope_factor != 1 and args.rope_high_freq_factor <= args.rope_low_freq_factor:
         raise UserError(f"{where}: RoPE scaling needs high_freq_factor > low_freq_factor, got "
                         f"{args.rope_high_freq_factor} and {args.rope_low_freq_factor}")
@@ -62,12 +65,26 @@ def check_runs(args: ModelArgs, state: dict, where):
                         f"config are damaged")
 
 
-def require_sizes(d: dict, keys, where):
-    """Each of `keys` in the checkpoint's own config is a positive whole number."""
-    for key in keys:
-        if type(d.get(key)) is not int or d[key] < 1:
-            raise UserError(f"{where}: {key} is {d.get(key, 'missing')!r}, but a LLaMA needs a positive "
-                            f"whole number there")
+KINDS = {"size": ("a positive whole number", lambda v: type(v) is int and v > 0),
+         "id": ("a token id", lambda v: type(v) is int),
+         "ids": ("a token id or a list of them", lambda v: type(v) is int or type(v) is list and v != []
+                 and all(type(i) is int for i in v)),
+         "number": ("a number", lambda v: type(v) in (int, float)),
+         "bool": ("true or false", lambda v: type(v) is bool),
+         "text": ("a text", lambda v: type(v) is str),
+         "object": ("a JSON object", lambda v: type(v) is dict)}
+
+
+def check_fields(config: dict, kinds: dict, where, required=()):
+    """A checkpoint's own config (config.json, params.json, GGUF metadata): each field of `kinds` that
+    is there and not null is of its kind (KINDS: a size is a positive whole number, never true/false),
+    and each of `required` is there."""
+    for key, kind in kinds.items():
+        if config.get(key) is not None or key in required:
+            what, ok = KINDS[kind]
+            if not ok(config.get(key)):
+                raise UserError(f"{where}: {key} is {config.get(key, 'missing')!r}, but a LLaMA needs {what} "
+                                f"there")
 
 
 def check_shapes(args: ModelArgs, shapes: dict, where: str):
@@ -124,10 +141,15 @@ def load_model(path, device="cpu", dtype=torch.float32, quantize="none") -> Tran
     return quantize_base(model.requires_grad_(False).eval(), quantize)
 
 
-def load_base(path, runtime, device, model=None) -> tuple:
+def load_base(path, runtime, device, model=None, training=None) -> tuple:
     """(the frozen base, its tokenizer) from a converted directory, as every command runs them: in the
     runtime's dtype on `device`, quantized when asked, its causal attention through the einsum lines
-    or sdpa. `model`: a base already loaded (the experiment shares one), set up the same way."""
+    or sdpa. `model`: a base already loaded (the experiment shares one), set up the same way.
+    `training` (a train.TrainConfig): first refuse a run whose memory floor exceeds what is free."""
+    if training is not None:
+        from support.memory import check_training  # memory.py reads params.json through this file
+
+        check_training(training, path, runtime, device, loaded=model is not None)
     model = model or load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
     model.use_sdpa(runtime.attention == "sdpa")
     return model, Tokenizer(path, model.args.vocab_size)
@@ -147,8 +169,8 @@ def write_tokenizer_config(out: Path, bos, eos, add_bos: bool, chat_template=Non
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def copy_sentencepiece(model_file: Path, out: Path, add_bos: bool, chat_template=None):
-    """A sentencepiece tokenizer.model into `out`, with its config."""
+def copy_sentencepiece(model_file: Path, out: Path, add_bos: bool, chat_template=None, vocab_size=None):
+    """A sentencepiece tokenizer.model into `out`, with its config; its pieces fit the vocabulary."""
     import shutil
 
     import sentencepiece
@@ -156,6 +178,12 @@ def copy_sentencepiece(model_file: Path, out: Path, add_bos: bool, chat_template
     if is_tiktoken(model_file):
         raise UserError(f"{model_file} is a tiktoken BPE file (Meta's LLaMA-3 layout), which sentencepiece "
                         f"cannot read: convert the Hugging Face release of this model (its tokenizer.json)")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{model_file}: not a sentencepiece model ({str(e)[:80]})") from None
+    if vocab_size is not None and sp.get_piece_size() > vocab_size:
+        raise UserError(f"{model_file}: {sp.get_piece_size()} pieces, more than the model's vocabulary of "
+                        f"{vocab_size}: this tokenizer does not belong to this checkpoint")
     shutil.copy(model_file, out / "tokenizer.model")
     write_tokenizer_config(out, sp.bos_id(), sp.eos_id(), add_bos, chat_template)

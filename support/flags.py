@@ -4,6 +4,7 @@
     class TrainConfig:
         tokens: int = flag(1, "number of shared Aligner tokens N", positive_int)
     cfg, runtime = parse_flags(argv, __doc__, TrainConfig, Runtime)
+    run_command(train, argv, __doc__, TrainConfig, Runtime)   # main(): train(cfg, runtime) under run_main
 
 Each field is a flag: `flag(default, help, type)` keeps argparse's own `type` (which converts the
 text and refuses impossible values: usage line, "error: ...", exit 2) and its other options; a
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from support.errors import UserError
+from support.errors import UserError, run_main
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,6 +46,12 @@ def parse_flags(argv, doc: str, *configs):
         p.add_argument(name, default=f.default, **options)
     values = vars(p.parse_args(argv))
     return [cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in configs]
+
+
+def run_command(work, argv, doc: str, *configs):
+    """What every command's main() does: its configs from the command line (parse_flags), then
+    work(*configs) under errors.run_main (bad input: one line on stderr, exit code 2)."""
+    run_main(lambda: work(*parse_flags(argv, doc, *configs)))
 
 
 def check_flags(config):
@@ -76,6 +83,17 @@ def _number(text, kind, ok, what):
 
 def positive_int(text) -> int:
     return _number(text, int, lambda v: v >= 1, "a whole number >= 1")
+
+
+MAX_STEPS, MAX_EPOCHS = 10**8, 10**4  # a budget past these is a typo: 10**8 steps of 0.1 s are a year
+
+
+def step_count(text) -> int:
+    return _number(text, int, lambda v: 1 <= v <= MAX_STEPS, f"a whole number from 1 to {MAX_STEPS:,}")
+
+
+def epoch_count(text) -> float:
+    return _number(text, float, lambda v: 0 < v <= MAX_EPOCHS, f"a number above 0 and at most {MAX_EPOCHS:,}")
 
 
 def count(text) -> int:

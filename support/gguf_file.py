@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from model import ModelArgs
-from support.checkpoint import require_sizes, write_tokenizer_config
+from support.checkpoint import check_fields, write_tokenizer_config
 from support.errors import UserError
-
+from support.tokenizer import check_tokenizer_json
 
 
 GGUF_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
@@ -34,8 +34,11 @@ def from_gguf(path: Path):
     if meta.get("general.architecture") != "llama":
         raise UserError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not llama")
     p = "llama."
-    require_sizes(meta, [p + k for k in ("embedding_length", "block_count", "attention.head_count",
-                                         "feed_forward_length")], f"{path} (GGUF metadata)")
+    sizes = [p + k for k in ("embedding_length", "block_count", "attention.head_count",
+                             "feed_forward_length")]
+    kinds = {**dict.fromkeys(sizes + [p + "attention.head_count_kv", p + "context_length"], "size"),
+             p + "attention.layer_norm_rms_epsilon": "number", p + "rope.freq_base": "number"}
+    check_fields(meta, kinds, f"{path} (GGUF metadata)", required=sizes)
     state = {}
     for t in reader.tensors:
         parts = t.name.split(".")
@@ -65,7 +68,11 @@ def from_gguf(path: Path):
                   f"byte-level BPE, 'gpt2', is); put a tokenizer.json in {out} yourself")
             return
         template = reader.fields.get("tokenizer.chat_template")
-        _gguf_bpe({**fields, "chat_template": template.contents() if template else None}, out)
+        template = template.contents() if template else None
+        if template is not None and not isinstance(template, str):
+            raise UserError(f"{path}: tokenizer.chat_template is a {type(template).__name__}, not a text")
+        _gguf_bpe({**fields, "chat_template": template}, out, path)
+        check_tokenizer_json(out / "tokenizer.json", args.vocab_size)
 
     return args, state, tokenizer
 
@@ -78,10 +85,13 @@ def _bytes_to_unicode():
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
-def _gguf_bpe(fields: dict, out: Path):
+def _gguf_bpe(fields: dict, out: Path, where):
     """Rebuild a byte-level BPE tokenizer.json from a GGUF's token list and merges."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+    for key in ("tokens", "merges"):
+        if not isinstance(fields.get(key), list) or not all(isinstance(t, str) for t in fields[key]):
+            raise UserError(f"{where}: tokenizer.ggml.{key} is not a list of texts")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     tokens = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()) for t in fields["tokens"]]

@@ -7,8 +7,10 @@
 
 Not run on its own. Read next: outputs.py.
 """
+import io
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,13 +20,21 @@ from support.errors import UserError
 
 
 def existing_file(path, what="file") -> Path:
-    """`path` as a Path, when it names an existing file (not a directory)."""
+    """`path` as a Path, when it names something to read: a file, or a stream such as /dev/stdin,
+    a pipe or a shell's <(...) (not a directory)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory; give the {what} itself")
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path} not found")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path} cannot be read (permission denied)")
     return path
+
+
+def seekable(path: Path):
+    """`path` itself when it is a regular file, else its bytes (a stream is read once, into memory)."""
+    return path if path.is_file() else io.BytesIO(path.read_bytes())
 
 
 def load_weights(path, what="adapter file", mmap=False) -> dict:
@@ -32,7 +42,7 @@ def load_weights(path, what="adapter file", mmap=False) -> dict:
     checkpoints come from strangers); anything else is one UserError."""
     path = existing_file(path, what)
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        d = torch.load(seekable(path), map_location="cpu", weights_only=True, mmap=mmap and path.is_file())
     except Exception as e:  # truncated zip, a text file, a pickle with code in it: all refused alike
         raise UserError(f"{path}: cannot be read as PyTorch weights ({type(e).__name__}): not a "
                         f".pt/.pth file, truncated, or holding code that weights_only refuses") from None
@@ -109,6 +119,15 @@ def stdin_lines(prompt=None):
             yield line.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
             raise UserError(f"standard input, line {n}: not UTF-8 text") from None
+
+
+def prompt_lines(given=None):
+    """The prompts to answer one at a time: those given (--prompt), else the lines of standard input,
+    one a line; blank ones skipped, one that is not valid text refused."""
+    for text in filter(str.strip, given or stdin_lines()):
+        if not valid_text(text):
+            raise UserError("a prompt is not valid UTF-8 text")
+        yield text
 
 
 def read_records(path, fields, optional=("input",)) -> list:

@@ -1,54 +1,37 @@
-"""Meta's LLaMA checkpoints: params.json + consolidated.00.pth ... (model-parallel shards).
+"""Meta's LLaMA checkpoint folders: params.json (checked) + consolidated.00.pth ... (model-parallel
+shards), and tokenizer.model beside them. convert_weights.py joins the shards (`join_shards`).
 
-    args, state, write_tokenizer = from_meta(Path("~/llama-2-7b"))
+    params = read_meta_params(src / "params.json")   # field types checked, the sizes positive
+    parts = meta_shards(src)                          # one state dict per shard, in order
 
-Meta's tensor names and interleaved q/k layout are model.py's own: shards are only joined.
 Not run on its own. Read next: hf.py.
 """
 from pathlib import Path
 
-import torch
-
-from model import ModelArgs
-from support.checkpoint import copy_sentencepiece, require_sizes
+from support.checkpoint import check_fields, copy_sentencepiece
 from support.errors import UserError
 from support.inputs import load_weights, read_json_object
 
+SIZES = ("dim", "n_layers", "n_heads")
+FIELDS = {**dict.fromkeys(SIZES + ("n_kv_heads", "max_seq_len", "multiple_of"), "size"),
+          "norm_eps": "number", "rope_theta": "number", "use_scaled_rope": "bool",
+          "rope_scaling_factor": "number", "rope_high_freq_factor": "number"}
 
-def from_meta(src: Path):
-    params = read_json_object(src / "params.json")
-    require_sizes(params, ("dim", "n_layers", "n_heads"), src / "params.json")
+
+def read_meta_params(path: Path) -> dict:
+    """params.json, each field that model.py reads of its type (vocab_size may be -1: unused)."""
+    params = read_json_object(path)
+    check_fields(params, FIELDS, path, required=SIZES)
+    return params
+
+
+def meta_shards(src: Path) -> list:
+    """The state dicts of consolidated.00.pth, .01, ... (every one there, none skipped)."""
     shards = sorted(src.glob("consolidated.*.pth"))
     for i, shard in enumerate(shards):
         if shard.name != f"consolidated.{i:02d}.pth":
             raise UserError(f"{src}: shard consolidated.{i:02d}.pth is missing ({len(shards)} found)")
-    parts = [load_weights(s, "checkpoint shard", mmap=True) for s in shards]
-    dim, n_heads = params["dim"], params["n_heads"]
-    state = {}
-    for key in parts[0]:
-        if key == "rope.freqs":
-            continue
-        ts = [p[key] for p in parts]
-        if len(ts) == 1 or ts[0].dim() == 1:  # one shard, or a norm (replicated)
-            state[key] = ts[0]
-        elif key == "tok_embeddings.weight":  # LLaMA-1/2 split the width, LLaMA-3 the vocabulary
-            state[key] = torch.cat(ts, dim=1 if ts[0].shape[1] < dim else 0)
-        else:  # wo and w2 are split along their input (row parallel), the rest along their output
-            state[key] = torch.cat(ts, dim=1 if key.endswith(("wo.weight", "w2.weight")) else 0)
-    args = ModelArgs(dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
-                     n_kv_heads=params.get("n_kv_heads") or n_heads,
-                     vocab_size=state["tok_embeddings.weight"].shape[0],  # params.json may say -1
-                     hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
-                     norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 1e4),
-                     max_seq_len=params.get("max_seq_len", 4096), **meta_scaling(params))
-
-    def tokenizer(out: Path):
-        for place in (src, src.parent):
-            if (place / "tokenizer.model").is_file():
-                return copy_sentencepiece(place / "tokenizer.model", out, add_bos=True)
-        print(f"warning: no tokenizer.model in {src} or its parent; generate.py will need one")
-
-    return args, state, tokenizer
+    return [load_weights(s, "checkpoint shard", mmap=True) for s in shards]
 
 
 def meta_scaling(params: dict) -> dict:
@@ -59,3 +42,14 @@ def meta_scaling(params: dict) -> dict:
         return {}
     return {"rope_factor": params.get("rope_scaling_factor", 8.0), "rope_low_freq_factor": 1.0,
             "rope_high_freq_factor": params.get("rope_high_freq_factor", 4.0), "rope_original_context": 8192}
+
+
+def meta_tokenizer(src: Path, vocab_size: int):
+    """The writer of Meta's tokenizer.model (in the folder or its parent, where Meta's download puts it)."""
+    def write(out: Path):
+        for place in (src, src.parent):
+            if (place / "tokenizer.model").is_file():
+                return copy_sentencepiece(place / "tokenizer.model", out, True, None, vocab_size)
+        print(f"warning: no tokenizer.model in {src} or its parent; generate.py will need one")
+
+    return write

@@ -9,7 +9,9 @@ Refused, each with one line: a name ending in "/" (a directory, not a file), a s
 write would land elsewhere), an existing directory, FIFO, socket or device, any path that is (or
 resolves to) an input or a file of an input directory, a folder that cannot be written. A
 directory output is never the current directory or above it, nor a source or above one, and
---force replaces only a directory that holds this project's marker (support/temporary.py).
+--force replaces only a directory that holds this project's marker (support/temporary.py) and
+no file but those the marker lists. A file that another live run is writing is refused, and so is
+a name too long for the temporary that the write puts beside it.
 Not run on its own. Read next: checkpoint.py.
 """
 import os
@@ -18,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from support.errors import UserError
-from support.temporary import MARKER, remove_leftovers
+from support.temporary import MARKER, SUFFIX, refuse_shared, remove_leftovers, temporary_name, written_files
 
 
 def kind(path: Path) -> str:
@@ -39,7 +41,8 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def check_writable(out: Path):
-    """The nearest existing folder above `out` is a folder we may write in."""
+    """The nearest existing folder above `out` is a folder we may write in, and the name of the
+    temporary that the write makes beside `out` fits this file system."""
     parent = Path(os.path.abspath(out)).parent
     while not parent.exists():
         parent = parent.parent
@@ -49,6 +52,11 @@ def check_writable(out: Path):
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise UserError(f"cannot write {out}: {parent} is not writable ({e.strerror})") from None
+    longest = max(len(os.fsencode(part)) for part in temporary_name(Path(os.path.abspath(out))).parts)
+    if longest > os.pathconf(parent, "PC_NAME_MAX"):
+        raise UserError(f"cannot write {out}: a name in it is too long for this file system "
+                        f"({os.pathconf(parent, 'PC_NAME_MAX')} bytes at most, with room for "
+                        f"the temporary's {len(SUFFIX) + 30} more); choose a shorter name")
 
 
 def check_output_file(out, inputs=(), input_dirs=()):
@@ -68,12 +76,24 @@ def check_output_file(out, inputs=(), input_dirs=()):
             raise UserError(f"writing {out} would overwrite {source}, an input of this run; "
                             f"choose another output name")
     check_writable(out)
+    refuse_shared(out)
     remove_leftovers(Path(os.path.abspath(out)))
 
 
-def check_output_dir(out, sources=(), force=False):
+def check_outputs(outs, inputs, base):
+    """check_output_file for each of a command's output files, against its input files and the files
+    of its base model's directory (None: the embedded default model's)."""
+    from support.default_model import DEFAULT_MODEL_DIR
+
+    for out in outs:
+        check_output_file(out, inputs, [base or DEFAULT_MODEL_DIR])
+
+
+def check_output_dir(out, sources=(), force=False, add=False):
     """Refuse an output directory that is the current directory or above it, a source of this run
-    or above one, anything but a directory, or one that --force may not replace."""
+    or above one, anything but a directory, or one that --force may not replace. With `add` (a run
+    that adds to its folder, as the experiment resumes), a folder that holds files needs no --force,
+    only the marker."""
     out, here = Path(out), Path.cwd().resolve()
     where = out.resolve()
     if where == here or where in here.parents:
@@ -84,10 +104,34 @@ def check_output_dir(out, sources=(), force=False):
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise UserError(f"{out} is {kind(out)}, not a directory; name a new directory")
     if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"{out} exists and is not empty; pass --force to replace it")
-        if not (out / MARKER).is_file():
-            raise UserError(f"{out} was not written by this project (it has no {MARKER} marker): --force "
-                            f"replaces only those; remove it yourself or name a new directory")
+        check_replaceable(out, force, add)
     check_writable(out)
     remove_leftovers(Path(os.path.abspath(out)))
+
+
+def check_replaceable(out: Path, force: bool, add: bool):
+    """A directory that holds files: replaced only with --force, added to only with `add`, and
+    either only when this project made it."""
+    if not force and not add:
+        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
+    if not (out / MARKER).is_file():
+        raise UserError(f"{out} was not written by this project (it has no {MARKER} marker): "
+                        f"{'it is not added to' if add else '--force replaces only those'}; "
+                        f"remove it yourself or name a new directory")
+    if force:
+        check_only_ours(out)
+
+
+def check_only_ours(out: Path):
+    """--force removes a directory only when every file in it is one its marker lists (caches that
+    Python regenerates, __pycache__, aside): a file the user put there is never removed."""
+    ours = written_files(out)
+    if ours is None:
+        raise UserError(f"{out}: its {MARKER} marker lists no files (an older version wrote it): --force "
+                        f"cannot tell its files from yours; remove it yourself or name a new directory")
+    for f in sorted(out.rglob("*")):
+        name = str(f.relative_to(out))
+        if "__pycache__" in f.parts or name == MARKER or name in ours or f.is_dir() and not f.is_symlink():
+            continue
+        raise UserError(f"{out} holds {name}, which this project did not write: --force removes only "
+                        f"what it wrote; move that file out, or name a new directory")

@@ -20,9 +20,36 @@ from support.errors import UserError
 
 @dataclass
 class Ranks:
+    """The processes of a run, and the few things they do together."""
     rank: int  # this process; 0 logs, evaluates its sample and saves
     world: int  # how many processes
     device: torch.device
+
+    def shard(self, model):
+        """FSDP2: each rank keeps 1/world of every layer, gathered just in time."""
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+
+    def all_sum(self, value: float) -> float:
+        """value summed over the ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # (1,)
+        dist.all_reduce(t)
+        return t.item()
+
+    def sum_grads(self, params):
+        """Gradients summed over the ranks: the same step a single process takes."""
+        if self.world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+
+    def finish(self):
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
 def setup(device: torch.device, shard: bool) -> Ranks:
@@ -47,32 +74,3 @@ def setup(device: torch.device, shard: bool) -> Ranks:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(dist.get_rank(), world, device)
 
-
-def shard_model(model):
-    """FSDP2: each rank keeps 1/world of every layer, gathered just in time."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-
-
-def all_sum(value: float, ranks: Ranks) -> float:
-    """value summed over the ranks."""
-    if ranks.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=ranks.device)  # (1,)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def sum_grads(params, ranks: Ranks):
-    """Gradients summed over the ranks: the same step a single process takes."""
-    if ranks.world > 1:
-        for p in params:
-            dist.all_reduce(p.grad)
-
-
-def finish(ranks: Ranks):
-    if ranks.world > 1:
-        dist.destroy_process_group()

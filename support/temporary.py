@@ -11,17 +11,23 @@ name, and it ends in a suffix no user file has. Its run holds a lock on it (floc
 and removes it on success, on an error, on Ctrl-C and on SIGTERM. A leftover of a run that was
 killed outright (SIGKILL, power) is removed by a later run on the same target, and only once it is
 certain the run is gone: its lock is free and its process no longer exists. Leftovers are found by
-an exact pattern over the folder's entries, never by a glob built from the user's name.
+an exact pattern over the folder's entries, never by a glob built from the user's name. A live
+run's temporary also says "being written": a second run on the same output is refused. A write that
+fails (disk full, file size limit, read-only) is one line, and the old file stays as it was.
 Not run on its own. Read next: outputs.py.
 """
+import errno
 import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
+
+from support.errors import UserError
 
 SUFFIX = ".aligner-tmp"
 MARKER = ".aligner-output"  # in every directory this project writes; --force replaces only those
@@ -47,14 +53,20 @@ def lock(fd: int) -> bool:
         return False
 
 
-def remove_leftovers(target: Path):
-    """Remove the temporaries of `target` whose runs are certainly gone (see the docstring above)."""
+def temporaries(target: Path):
+    """(entry, process id) of each temporary of `target` (a file or directory), by the exact pattern."""
     pattern = re.escape(f".{target.name}.") + r"(\d+)\.[0-9a-f]{16}" + re.escape(SUFFIX)
     folder = target.parent if target.parent.is_dir() else None
     for entry in os.scandir(folder) if folder else []:
         match = re.fullmatch(pattern, entry.name)
-        kind_ok = entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)
-        if not match or not kind_ok or process_alive(int(match.group(1))):
+        if match and (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
+            yield entry, int(match.group(1))
+
+
+def remove_leftovers(target: Path):
+    """Remove the temporaries of `target` whose runs are certainly gone (see the docstring above)."""
+    for entry, pid in temporaries(target):
+        if process_alive(pid):
             continue
         fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK)
         try:
@@ -78,10 +90,51 @@ def process_alive(pid: int) -> bool:
         return True
 
 
+def other_writer(target: Path):
+    """The process id of another live run that holds a temporary of `target` (it is writing it), or None."""
+    for entry, pid in temporaries(target):
+        if pid == os.getpid() or not entry.is_file(follow_symlinks=False):
+            continue
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            free = lock(fd)
+        finally:
+            os.close(fd)  # a lock this took is released with it
+        if not free and process_alive(pid):
+            return pid
+    return None
+
+
+def refuse_shared(target: Path):
+    """One run writes a file at a time: a second run on the same output would mix the two."""
+    pid = other_writer(Path(os.path.abspath(target)))
+    if pid:
+        raise UserError(f"{target} is being written by another run (process {pid}); wait for it to end, "
+                        f"stop it, or name another output")
+
+
+def refuse_non_file(path: Path):
+    """The write itself passes the output gate's first rule: only a regular file is ever replaced."""
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        raise UserError(f"{path} exists and is not a regular file (a device, FIFO, link or folder): "
+                        f"it is not replaced; name a file for the output")
+
+
+def write_failed(path, error: OSError) -> UserError:
+    """A failed write as one line: what failed, why, and that the old file is untouched."""
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied"}.get(error.errno, error.strerror or str(error))
+    return UserError(f"cannot write {path}: {why}; {path} is as it was before this run")
+
+
 @contextmanager
 def held_file(target: Path):
-    """(fd, path) of a new locked temporary file beside `target`, removed when the block ends."""
+    """(fd, path) of a new locked temporary file beside `target`, removed when the block ends;
+    refused while another live run holds one (it is writing the same file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    refuse_shared(target)
     tmp = temporary_name(target)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, usual_mode())
     lock(fd)
@@ -97,15 +150,45 @@ def atomic_write(path, write):
     """write(file) into a temporary beside `path`, then one rename: `path` is never half-written and
     keeps its mode when it existed (a new one gets the usual mode)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_non_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(path, e) from None
     mode = path.stat().st_mode & 0o777 if path.is_file() else usual_mode()
     with held_file(path) as (fd, tmp):
-        with open(os.dup(fd), "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        f = Recording(open(os.dup(fd), "wb"))
+        try:
+            with f.file:
+                write(f)
+                f.file.flush()
+                os.fsync(f.file.fileno())
+        except OSError as e:
+            raise write_failed(path, e) from None
+        except RuntimeError:  # torch.save turns the writer's OSError into a RuntimeError: the cause is kept
+            if f.error is None:
+                raise
+            raise write_failed(path, f.error) from None
         os.chmod(tmp, mode)
+        refuse_non_file(path)
         os.replace(tmp, path)
+
+
+class Recording:
+    """A binary file that remembers the first OSError of a write (a writer may report it otherwise)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
 
 
 def atomic_save(obj, path):
@@ -117,6 +200,58 @@ def atomic_save(obj, path):
 def write_jsonl(path, rows):
     """Rows as JSON lines, atomically."""
     atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def write_marker(folder: Path, source, files: list):
+    """The marker that says this project wrote `folder`, with the files it wrote there (all that
+    --force may remove)."""
+    record = {"written_by": "aligner", "source": str(source), "files": files}
+    (folder / MARKER).write_text(json.dumps(record) + "\n")
+
+
+def written_files(folder: Path):
+    """The files the marker in `folder` says this project wrote there; None without a readable marker."""
+    try:
+        files = json.loads((folder / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(files) if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+@contextmanager
+def added_folder(out: Path, source, files: list):
+    """A folder that a run adds to (the experiment's results, which resume): made with this
+    project's marker listing `files` when new, and held (a lock on the marker) while the block runs,
+    so that a second run adding to it at the same time is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        write_marker(out, source, files)
+    fd = os.open(out / MARKER, os.O_RDONLY)
+    try:
+        if not lock(fd):
+            raise UserError(f"{out} is in use by another run; wait for it to end, or name another folder")
+        yield out
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def writes_into(tmp: Path, out: Path):
+    """A failed write into `tmp` (the directory that becomes `out`) as one line: an OSError there, or
+    a writer's own error that carries one (safetensors: "... (os error 28)"). Failed reads pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename and not str(e.filename).startswith(str(tmp)):
+            raise
+        raise write_failed(out, e) from None
+    except UserError:
+        raise
+    except Exception as e:
+        code = re.search(r"os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise write_failed(out, OSError(int(code.group(1)), os.strerror(int(code.group(1))))) from None
 
 
 @contextmanager
@@ -131,8 +266,10 @@ def new_directory(out: Path, source: str):
     fd = os.open(tmp, os.O_RDONLY)
     lock(fd)
     try:
-        yield tmp
-        (tmp / MARKER).write_text(json.dumps({"written_by": "aligner", "source": str(source)}) + "\n")
+        with writes_into(tmp, out):
+            yield tmp
+            files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if not f.is_dir())
+            write_marker(tmp, source, files)
         for f in tmp.rglob("*"):
             f.chmod(usual_mode(f.is_dir()))
         tmp.chmod(usual_mode(directory=True))

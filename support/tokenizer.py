@@ -3,6 +3,7 @@ or the `tokenizers` library (tokenizer.json), and the BOS/EOS ids from tokenizer
 
     tok = Tokenizer("checkpoints/smollm2-135m-instruct", vocab_size=49152)  # ids checked against it
     ids = tok.encode("Hello", bos=None, eos=False); text = tok.decode(ids)
+    check_tokenizer_json(Path("tokenizer.json"), vocab_size=49152)  # before a converter copies one
 
 Not run on its own. Read next: chat.py.
 """
@@ -81,3 +82,20 @@ class Tokenizer:
     def pad_id(self) -> int:
         """The id that fills a batch's short rows: EOS where the tokenizer has one (never a label)."""
         return self.eos_id if self.eos_id is not None else 0
+
+
+def check_tokenizer_json(path: Path, vocab_size: int):
+    """A tokenizer.json a LLaMA can use: a JSON object whose model is BPE with a vocabulary and merges
+    (not WordPiece, Unigram, ...), every id of it and of its added tokens inside `vocab_size`."""
+    d = read_json_object(path)
+    model = d.get("model") if isinstance(d.get("model"), dict) else {}
+    if model.get("type") != "BPE":
+        raise UserError(f"{path}: a {model.get('type', 'typeless')!s} tokenizer, where a LLaMA's is BPE")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not vocab or not isinstance(merges, list) or not merges:
+        raise UserError(f"{path}: a BPE tokenizer without a vocabulary or without merges")
+    added = d.get("added_tokens") if isinstance(d.get("added_tokens"), list) else []
+    ids = [*vocab.values(), *(t.get("id") if isinstance(t, dict) else t for t in added)]
+    outside = [i for i in ids if type(i) is not int or not 0 <= i < vocab_size]
+    if outside:
+        raise UserError(f"{path}: token id {outside[0]!r} is outside the model's vocabulary of {vocab_size}")

@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from support.convert import convert  # noqa: E402
+from convert_weights import convert  # noqa: E402
 from support.tolerance import assert_same_greedy, logits_sums, tolerance  # noqa: E402
 
 TINY_VOCAB = 320

@@ -30,9 +30,9 @@ from support import checkpoint
 from adapter import merge
 from support.adapter_file import from_state, load_aligner, save_aligner, to_dict
 from support.errors import UserError
-from support.temporary import atomic_write
+from support.temporary import atomic_write, new_directory
 from support.checkpoint import load_model
-from support.convert import convert
+from convert_weights import convert
 from data import load_examples
 from support.tokenizer import Tokenizer
 from dpo import load_pairs
@@ -83,6 +83,18 @@ def make_sandbox(box: Path, tiny_dir: Path):
     make_bad_sources(bad)
     make_hostile_paths(box, bad)
     make_checkpoints(good, bad)
+    make_edges(box, bad, d)
+
+
+def make_edges(box: Path, bad: Path, d: dict):
+    """The edges' cases: the data under a second name (a hard link), a folder where the metrics file
+    goes, an adapter whose start layer is impossible, a lesson folder holding a student's notes."""
+    os.link(box / "data.json", bad / "hardlink_data.json")
+    (bad / "md.metrics.jsonl").mkdir()
+    write_adapter(bad / "negative_start.pt", {**d, "config": {**d["config"], "start_layer": -1}})
+    with new_directory(bad / "lesson", "lessons.py start 2") as tmp:
+        (tmp / "model.py").write_text("a copy the student works in")
+    (bad / "lesson" / "notes.txt").write_text("the student's own notes")
 
 
 def make_hostile_paths(box: Path, bad: Path):
@@ -117,6 +129,7 @@ def make_checkpoints(good, bad: Path):
     d = {"aligner": to_dict(good), "optimizer": optimizer.state_dict(), "step": 1, "config": {"init": None}}
     torch.save(d, bad / "ckpt.pt")
     torch.save({**d, "step": -5}, bad / "ckpt_negative_step.pt")
+    torch.save({**d, "step": 10**12}, bad / "ckpt_huge_step.pt")
     state = {k: {**v, "exp_avg": torch.zeros(7)} for k, v in d["optimizer"]["state"].items()}
     torch.save({**d, "optimizer": {**d["optimizer"], "state": state}}, bad / "ckpt_bad_optimizer.pt")
 
@@ -238,8 +251,7 @@ CASES = [
      "already has an Aligner merged", False),
     ("adapter's base gone", "generate.py", GEN[2:] + ["--adapter", "X/gone_base.pt"], "was trained on", False),
     ("model directory missing", "generate.py", ["--model", "B/nothing"] + GEN[2:], "params.json not found", False),
-    ("model missing, --no-adapter", "generate.py", ["--model", "B/nothing"] + GEN[2:] + ["--adapter", "A",
-                                                                                      "--no-adapter"],
+    ("model missing, --no-adapter", "generate.py", ["--model", "B/nothing"] + GEN[2:] + ["--no-adapter"],
      "params.json not found", False),
     ("prompt not UTF-8 on stdin", "generate.py", GEN[:2] + GEN[4:], "not UTF-8", False, {}, b"caf\xe9\n"),
     ("params.json a list", "generate.py", ["--model", "X/params_list"] + GEN[2:], "JSON object", False),
@@ -340,6 +352,38 @@ CASES = [
     ("demo steps negative", "demo.py", ["--steps", "-1"], "--steps", True),
     ("demo limit 0", "demo.py", ["--limit", "0"], "--limit", True),
     ("demo tokens nan", "demo.py", ["--tokens", "nan"], "--tokens", True),
+    # the edges' rules in every command (issue 36, item 7)
+    ("experiment out is /", "experiments/form_vs_knowledge.py", ["--quick", "--out", "/"], "one above it", False),
+    ("experiment out is a foreign folder", "experiments/form_vs_knowledge.py", ["--quick", "--out",
+                                                                               "X/existing_dir"],
+     "not written by this project", False),
+    ("lesson --force over a student's notes", "lessons.py", ["start", "2", "--dir", "X/lesson", "--force"],
+     "notes.txt, which this project did not write", False),
+    ("serve bench out is /dev/null", "benchmarks/serve_bench.py", ["--model", "M", "--out", "/dev/null"],
+     "character device", False),
+    ("epochs 1e300", "train.py", TRAIN[:-6] + ["--epochs", "1e300"], "--epochs", True),
+    ("max steps 10^9", "train.py", TRAIN + ["--max-steps", str(10**9)], "--max-steps", True),
+    ("resume a step of 10^12", "train.py", TRAIN[:4] + ["--out", "X/ckpt_huge_step.pt", "--resume"] + TRAIN[6:],
+     "100,000,000", False),
+    ("tokens beside --init", "train.py", TRAIN[:4] + ["--out", "B/i.pt"] + TRAIN[6:] + ["--tokens", "3", "--init",
+                                                                                       "A"], "--tokens is 3", False),
+    ("start layer beside --init", "train.py", TRAIN[:4] + ["--out", "B/i.pt"] + TRAIN[6:] + ["--start-layer", "1",
+                                                                                            "--init", "A"],
+     "--start-layer is 1", False),
+    ("micro-batch too large for memory", "train.py", TRAIN + ["--batch-size", str(10**8), "--micro-batch-size",
+                                                              str(10**8)], "GiB are free", False),
+    ("batch too large for memory", "train.py", TRAIN + ["--batch-size", str(10**12)], "GiB are free", False),
+    ("tokens too large for memory", "train.py", TRAIN + ["--tokens", str(10**9)], "GiB are free", False),
+    ("out name too long for its temporary", "train.py", TRAIN[:4] + ["--out", "B/" + "x" * 225 + ".pt"] + TRAIN[6:],
+     "too long for this file system", False),
+    ("out is the data through a hard link", "train.py", TRAIN[:4] + ["--out", "X/hardlink_data.json"] + TRAIN[6:],
+     "would overwrite", False),
+    ("metrics file is a folder", "train.py", TRAIN[:4] + ["--out", "X/md.pt"] + TRAIN[6:], "is a directory", False),
+    ("out with a newline, under a file", "train.py", TRAIN[:4] + ["--out", "X/not_a_dir/a\nb.pt"] + TRAIN[6:],
+     "a\\nb.pt", False),
+    ("--adapter with --no-adapter", "generate.py", GEN + ["--adapter", "A", "--no-adapter"], "--no-adapter", False),
+    ("adapter with a start layer of -1", "generate.py", GEN + ["--adapter", "X/negative_start.pt"],
+     "the file is damaged", False),
 ]
 
 

@@ -8,6 +8,7 @@ train.py --template chat recording its template in the adapter; generate.py --ch
 Run: .venv/bin/python -m pytest -q tests/test_chat.py"""
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from test_model import assert_clean_error
 
 from support.chat import IGNORE, Chat, read_conversations, template_of
 from support.checkpoint import copy_sentencepiece
-from support.convert import convert
+from convert_weights import convert
 from support.errors import UserError
 from support.tokenizer import Tokenizer
 
@@ -236,7 +237,10 @@ def test_a_template_that_fails_to_render_is_one_line(tmp_path, tiny):
     config = json.loads((model / "tokenizer_config.json").read_text())
     bad = {"unknown filter": "{{ messages | no_such_filter }}",
            "raise_exception": "{% if messages[0]['role'] == 'user' %}{{ raise_exception('system first') }}{% endif %}",
-           "not jinja": "{% for %}"}
+           "not jinja": "{% for %}",
+           "a loop": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+           "a 2 GB string": "{{ 'x' * 2000000000 }}", "a recursive macro": "{% macro f() %}{{ f() }}{% endmacro %}"
+           "{{ f() }}", "a width of 10**9": "{{ '{:>1000000000}'.format(1) }}"}
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     for name, template in bad.items():
@@ -249,6 +253,58 @@ def test_a_template_that_fails_to_render_is_one_line(tmp_path, tiny):
     r = run_cli("train.py", "--model", str(model), "--data", str(data), "--template", "chat", "--out",
                 str(tmp_path / "o.pt"))
     assert_clean_error(r, "has no chat template", "--template alpaca")
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than 0.5 s"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(10**5) %}{% for j in range(10**5) %}{% set ns.s = ns.s ~ 'x'"
+     " %}{% set ns.s = ns.s[1:] %}{% endfor %}{% endfor %}", "took more than 0.5 s"),
+    ("{{ 'ab' * 1000001 }}", "past 2,000,000"), ("{{ [1] * 3000000 }}", "past 2,000,000"),
+    ("{{ 7 ** 100000000 }}", "past 2,000,000"), ("{{ '%9999999s' % 'a' }}", "wider than"),
+    ("{{ 'a'|center(9999999) }}", "width past"), ("{{ '%9999999s'|format('a') }}", "wider than"),
+    ("{{ '{x:>9999999}'.format_map({'x': 1}) }}", "wider than"),
+    ("{% for i in range(99999) %}{{ range(999)|join(',') }}{% endfor %}", "passes 2,000,000"),
+    ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    ("{{ 'x'.center(30000000) }}", "past 2,000,000"), ("{{ 'x'.zfill(30000000) }}", "past 2,000,000"),
+    ("{{ '{:>{w}}'.format('x', w=30000000) }}", "wider than"), ("{{ '%*s' % (30000000, 'x') }}", "wider than"),
+    ("{% set s = 'x' * 6000 %}{{ s.replace('', s) }}", "past 2,000,000"),
+    ("{% set s = 'x' * 6000 %}{{ s|replace('', s) }}", "past 2,000,000"),
+    ("{{ ('x' * 100000).join(['a'] * 1000) }}", "past 2,000,000"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(25) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "past 2,000,000"),
+    ("{{ messages|tojson(indent=30000000) }}", "indent of more than 64"),
+    ("{{ ((999 ** 4096) ** 4096) % 7 }}", "past 2,000,000"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"), ("{{ '{a}'.format() }}", "KeyError"),
+    ("{{ 'a'.encode('nope') }}", "LookupError"), ("{{ '\\ud800' }}", "not valid Unicode"),
+])
+def test_a_strangers_template_is_stopped_at_its_limits(template, words):
+    """Each way a template could take the process (time, memory, the stack) is one UserError, fast."""
+    from support.chat import Limits
+
+    tok = FakeTok()
+    t = time.monotonic()
+    with pytest.raises(UserError) as e:
+        Chat(template, tok, Limits(seconds=0.5))
+    assert words in str(e.value) and time.monotonic() - t < 10
+
+
+class FakeTok:
+    """Just enough of a tokenizer for Chat: special tokens' text and an encoding."""
+    bos_id, eos_id = 1, 2
+
+    def token_text(self, i):
+        return {1: "<s>", 2: "</s>"}[i]
+
+    def encode(self, text, bos=False):
+        return [ord(c) % 300 for c in text]
+
+
+def test_within_the_limits_ordinary_templates_and_digits_render():
+    """Digits in messages, widths under the limit, and long conversations are not refused."""
+    chat = Chat("{% for m in messages %}{{ '%-8s'|format(m['role']) }}{{ '{:>12}'.format(m['role']) }}"
+                "{{ m['content']|indent(2) }}{% endfor %}{% if add_generation_prompt %}{{ '%-8s'|format('assistant') }}"
+                "{{ '{:>12}'.format('assistant') }}{% endif %}", FakeTok())
+    messages = [{"role": "user", "content": "call 1234567890123 " * 50}] * 40
+    assert "1234567890123" in chat.render(messages, True)
 
 
 def test_a_meta_llama3_tiktoken_file_is_refused_and_tokenizer_json_is_used(tmp_path, tiny):

@@ -10,9 +10,9 @@ import torch
 from conftest import make_tokenizer_json
 from test_model import nonzero_aligner
 
+from convert_weights import convert
 from generate import Sampling, generate
 from support.checkpoint import load_model
-from support.convert import convert
 from support.errors import UserError
 from support.tolerance import assert_close, assert_same_greedy, logits_sums, tolerance
 from train import sft_loss
@@ -100,14 +100,15 @@ def test_an_aligner_trains_and_only_it_changes(converted):
 
 @pytest.mark.numeric
 def test_the_hugging_face_export_computes_the_same(converted):
-    """hf_state (adapter.py merge --format hf) writes a LlamaForCausalLM: Qwen2's q/k biases permuted like
-    their rows, the llama3 scaling in its config."""
+    """hf_layout and hf_state (adapter.py merge --format hf) write a LlamaForCausalLM: Qwen2's q/k biases
+    permuted like their rows, the llama3 scaling in its config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from convert_weights import hf_layout
     from support.hf import hf_state
 
     _, hf, ours = converted
-    state, config = hf_state(ours.args, ours.state_dict())
+    state, config = hf_state(ours.args, hf_layout(ours.args, ours.state_dict()))
     for key in ("architectures", "model_type", "torch_dtype"):
         config.pop(key)
     exported = LlamaForCausalLM(LlamaConfig(**config)).eval()

@@ -132,10 +132,48 @@ def test_the_primer_is_small():
     assert c["primer"] <= 1150 and c["aligner.py"] <= 150 and c["top level from train.py"] <= 1300, c
 
 
+def support_names() -> set:
+    """The distinct support names a reader of the primer (and dpo.py beside it) meets and may look
+    up. The rule: every name imported from a support module (`from support.x import a`: x.a), and
+    every attribute used of a support module imported whole (`from support import x`, then `x.a`:
+    x.a), each counted once however many files use it. Methods and fields of the objects these
+    return (tok.encode, ranks.world) are not counted: the reader finds them where the class is.
+    One group counts once: the flag types, names used only as the type of a `flag(...)` (its third
+    argument): argparse's `type=`, passed through, their names say the values they take
+    (positive_int, probability), and they sit together in support/flags.py."""
+    names, flag_types, used_elsewhere = set(), set(), set()
+    for name in PRIMER + list(BESIDE):
+        tree = ast.parse((ROOT / name).read_text())
+        whole = {a.asname or a.name: a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                 and n.module == "support" for a in n.names}
+        imported = {a.asname or a.name: f"{n.module[len('support.'):]}.{a.name}" for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("support.") for a in n.names}
+        names |= set(imported.values())
+        names |= {f"{whole[n.value.id]}.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                  and isinstance(n.value, ast.Name) and n.value.id in whole}
+        as_type = {id(c.args[2]) for c in ast.walk(tree) if isinstance(c, ast.Call)
+                   and getattr(c.func, "id", None) == "flag" and len(c.args) > 2}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Name) and n.id in imported:
+                (flag_types if id(n) in as_type else used_elsewhere).add(imported[n.id])
+    grouped = flag_types - used_elsewhere
+    return names - grouped | ({"flags.<the flag types>"} if grouped else set())
+
+
+def test_the_primer_meets_few_support_names():
+    """Issue 37 asks for about a dozen, each clear where it is used. Counted by support_names(): 43 on
+    2026-12-02 with each flag type counted, 36 by this rule, 25 after the layout step; this test holds
+    the line at 25 (a name added fails it) until the primer's modes (generate.py's --data, --chat and
+    --compare) find their place and the ceiling comes down to 12."""
+    names = support_names()
+    assert len(names) <= 25, f"{len(names)} support names in the primer: {sorted(names)}"
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     for what, n in counts().items():
         print(f"{what:>26}: {n:5d} lines")
+    print(f"{'support names (primer)':>26}: {len(support_names()):5d} names (at most 12)")
 
 
 def test_the_readmes_first_commands_name_files_a_fresh_clone_has():
@@ -160,3 +198,19 @@ def test_the_model_keeps_no_decoding_state():
     assert fields == {"args", "tok_embeddings", "layers", "norm", "output", "activation_checkpointing"}, fields
     forward = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "forward")
     assert "cache" in [a.arg for a in forward.args.args]
+
+
+def test_the_converter_shows_the_conversion():
+    """Issue 37: convert_weights.py holds the key map, the q/k permutation, the shard join and the
+    config read, readable top to bottom in 100..180 lines (it was 40, the rest about 650 lines away
+    in support/); support/ holds no second copy of them, only the file formats."""
+    path = ROOT / "convert_weights.py"
+    tree = ast.parse(path.read_text())
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    assert {"HF_NAMES", "rename", "unpermute", "permute", "join_shards", "hf_args"} <= defined, defined
+    assert 100 <= len(path.read_text().splitlines()) <= 180
+    for p in sorted((ROOT / "support").glob("*.py")):
+        names = {n.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.FunctionDef)}
+        assert not names & {"rename", "unpermute", "permute", "join_shards"}, f"support/{p.name}: {names}"
+        assert "gate_proj" not in p.read_text(), f"support/{p.name} holds a Hugging Face key map"

@@ -119,7 +119,7 @@ def test_start_keeps_a_students_work_and_the_project_out_of_reach(tmp_path):
     notes.mkdir()
     (notes / "mine.txt").write_text("not a lesson")
     r = lessons("start", 2, "--dir", notes, "--force")  # --force never deletes a folder start did not make
-    assert r.returncode == 2 and "did not put there" in r.stderr and (notes / "mine.txt").exists()
+    assert r.returncode == 2 and "not written by this project" in r.stderr and (notes / "mine.txt").exists()
     before = project_files()
     for args in (["start", 2, "--dir", ROOT / "lessons" / "mine"], ["start", 9], ["check", 2, "--dir", tmp_path / "x"]):
         r = lessons(*args)

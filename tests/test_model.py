@@ -1,7 +1,6 @@
 """model.py, aligner.py and convert_weights.py against independent references: Hugging Face
 transformers' LlamaForCausalLM, PEFT's AdaptionPrompt and the official released Aligner files."""
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,14 @@ from conftest import ROOT, make_hf_model, make_model_dir, official
 from forkrun import run_text
 
 sys.path.insert(0, str(ROOT / "lessons"))
-from graders import gated  # noqa: E402
+from references import (cached_and_full, nonzero_aligner, peft_logits, peft_model,  # noqa: E402, F401
+                        zero_gate_logits)
 
 from aligner import Aligner
 from support.adapter_file import from_state, load_aligner
 from support.errors import UserError
 from support.checkpoint import load_model
-from support.convert import convert
+from convert_weights import convert
 from model import CONFIGS, Transformer
 from support.tolerance import assert_close, assert_same_greedy, logits_sums, tolerance
 
@@ -26,11 +26,6 @@ from support.tolerance import assert_close, assert_same_greedy, logits_sums, tol
 
 def tokens(n=2, t=17, vocab=320, seed=1):
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-def nonzero_aligner(args, n_tokens, seed=3, per_layer=False):
-    """An Aligner whose gates are non-zero (zero gates would switch it off): the lessons' own."""
-    return gated(args, n_tokens, seed, per_layer)
 
 
 @pytest.mark.numeric
@@ -91,24 +86,10 @@ def test_meta_checkpoint_converts_to_same_logits(tmp_path, n_shards):
 @pytest.mark.numeric
 def test_zero_gates_are_exactly_the_base_model(tiny):
     _, path = tiny
-    model = load_model(path)
-    aligner = Aligner(model.args, n_tokens=3)
+    aligner, with_it, without = zero_gate_logits(load_model(path), tokens(), n_tokens=3)
     assert aligner.gates.abs().sum() == 0 and aligner.tokens.abs().sum() > 0
-    x = tokens()
-    with torch.no_grad():  # exact: a zero gate adds 0.0 to the same kernels' results on the same inputs
-        assert torch.equal(model(x, aligner), model(x))
-
-
-def peft_model(hf, n_tokens, n_adapted):
-    from peft import AdaptionPromptConfig, get_peft_model
-
-    cfg = AdaptionPromptConfig(adapter_len=n_tokens, adapter_layers=n_adapted, task_type="CAUSAL_LM")
-    pm = get_peft_model(hf, cfg).eval()
-    adapted = {}
-    for name, mod in pm.named_modules():
-        if hasattr(mod, "adaption_prompt"):
-            adapted[int(re.search(r"layers\.(\d+)\.", name).group(1))] = mod
-    return pm, adapted
+    # exact: a zero gate adds 0.0 to the same kernels' results on the same inputs
+    assert torch.equal(with_it, without)
 
 
 @pytest.mark.numeric
@@ -126,14 +107,9 @@ def test_aligner_equals_peft_adaption_prompt(tmp_path, n_tokens, per_head):
     x = tokens()
     with torch.no_grad():
         expected_ours = ours(x, aligner)
-    pm, adapted = peft_model(hf, n_tokens, n_adapted=4 - 2)
-    assert sorted(adapted) == [2, 3]
-    for layer, mod in adapted.items():
-        gate = aligner.gates[layer - 2].detach()
-        mod.adaption_prompt = torch.nn.Parameter(aligner.tokens.detach()[None].clone())  # (1, N, D)
-        mod.adaption_gate = torch.nn.Parameter(gate.view(1, -1, 1, 1).clone() if per_head else gate[:1].clone())
+    reference, adapted = peft_logits(hf, aligner, x, per_head)
+    assert adapted == [2, 3]
     with torch.no_grad():
-        reference = pm(input_ids=x).logits
         base = ours(x)
     assert (reference - base).abs().max() > 1e-3  # the adapter really changes the output
     assert_close(expected_ours, reference, **logits_sums(ours.args, x.shape[1] + n_tokens), what="logits")
@@ -148,13 +124,9 @@ def test_per_layer_variant_equals_peft(tmp_path):
     with torch.no_grad():
         aligner.gates.copy_(torch.randn(aligner.gates.shape[0], 1).expand_as(aligner.gates))
     x = tokens()
-    pm, adapted = peft_model(hf, 2, n_adapted=2)
-    for layer, mod in adapted.items():
-        mod.adaption_prompt = torch.nn.Parameter(aligner.tokens.detach()[layer - 2][None].clone())
-        mod.adaption_gate = torch.nn.Parameter(aligner.gates.detach()[layer - 2][:1].clone())
+    reference, _ = peft_logits(hf, aligner, x, per_head=False)  # PEFT's own setting: a scalar gate
     with torch.no_grad():
-        assert_close(ours(x, aligner), pm(input_ids=x).logits, **logits_sums(ours.args, x.shape[1] + 2),
-                     what="logits")
+        assert_close(ours(x, aligner), reference, **logits_sums(ours.args, x.shape[1] + 2), what="logits")
     assert aligner.n_params() == 2 * 2 * 64 + 2 * 4
 
 
@@ -165,14 +137,8 @@ def test_kv_cache_decoding_equals_full_recompute(tiny, with_aligner):
     model = load_model(path)
     aligner = nonzero_aligner(model.args, 3) if with_aligner else None
     seq = tokens(1, 12)[0].tolist()
-    with torch.no_grad():
-        full = model(torch.tensor([seq]), aligner)[0]  # (T, vocab)
-        cache = model.new_cache(1, len(seq), aligner)
-        prefill = model(torch.tensor([seq[:5]]), aligner, torch.arange(5), cache=cache)[0]
-        steps = [model(torch.tensor([[t]]), aligner, torch.tensor([i]), cache=cache)[0, 0]
-                 for i, t in enumerate(seq[5:], 5)]
-    assert_close(torch.cat([prefill, torch.stack(steps)]), full, **logits_sums(model.args, len(seq) + 3),
-                 what="logits")
+    cached, full = cached_and_full(model, seq, aligner)
+    assert_close(cached, full, **logits_sums(model.args, len(seq) + 3), what="logits")
 
 
 @pytest.mark.parametrize("size,n_tokens,count", [("llama-2-7b", 1, 5056), ("llama-2-7b", 10, 41920),

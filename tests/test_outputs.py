@@ -6,6 +6,7 @@ Property tests (hypothesis) throw output paths and config.json values at the mec
 run real commands as subprocesses and then look at every file."""
 import json
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -22,10 +23,12 @@ from test_train_generate import RECORDS, losses, train_args, wait_for_steps
 
 import train
 from support.checkpoint import load_model
-from support.convert import convert
-from support.errors import UserError
+from convert_weights import convert
+from support.errors import Terminated, UserError
 from support.outputs import check_output_dir, check_output_file
-from support.temporary import MARKER, SUFFIX, StagedLines, atomic_write, new_directory, remove_leftovers
+from support import memory
+from support.temporary import (MARKER, SUFFIX, StagedLines, added_folder, atomic_write, new_directory,
+                               remove_leftovers)
 from support.tolerance import assert_close, logits_sums
 
 
@@ -141,9 +144,10 @@ def test_staged_metrics_move_only_with_a_save(tmp_path):
     assert losses(path) == [2.5, 2.0]
 
 
-def test_two_runs_on_one_out_one_failing_early(tiny, tmp_path):
-    """While a training runs, a second run on the same --out (its data missing) fails at once; the
-    first, its staged metrics untouched, is then stopped with Ctrl-C and still saves."""
+def test_two_runs_on_one_out_the_second_refused(tiny, tmp_path):
+    """While a training runs, a second run on the same --out is refused with one line before any
+    work (their metrics would interleave); the first, its staged metrics untouched, is then stopped
+    with Ctrl-C and still saves."""
     _, path = tiny
     (tmp_path / "data.json").write_text(json.dumps(RECORDS))
     out = tmp_path / "same.pt"
@@ -153,9 +157,10 @@ def test_two_runs_on_one_out_one_failing_early(tiny, tmp_path):
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(tmp_path, "same.metrics.jsonl", 2)
     staged = [p for p in tmp_path.iterdir() if p.name.endswith(SUFFIX)]
-    second = subprocess.run([sys.executable, "train.py", *train_args(path, tmp_path / "missing.json", out)],
+    second = subprocess.run([sys.executable, "train.py", *train_args(path, tmp_path / "data.json", out)],
                             cwd=ROOT, capture_output=True, text=True)
-    assert second.returncode == 2 and "not found" in second.stderr
+    assert second.returncode == 2 and "being written by another run" in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert staged and all(p.exists() for p in staged)  # the live run's temporary was left alone
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=120)
@@ -296,3 +301,164 @@ def test_closed_stdin_and_a_tiny_temperature(tiny, tmp_path):
     r = subprocess.run([sys.executable, "generate.py", "--model", str(path), "--device", "cpu", "--prompt", "Hi",
                         "--temperature", "1e-30", "--max-new-tokens", "3"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- the edges: every write failure one line, the old file intact; sizes checked before allocation -------
+def no_temporaries(folder: Path) -> bool:
+    return not any(p.name.endswith(SUFFIX) for p in folder.rglob("*"))
+
+
+def test_a_save_past_the_file_size_limit_is_one_line_and_keeps_the_old_file(tiny, tmp_path):
+    """`ulimit -f` of 10,000 bytes: a 64-token checkpoint (about 50 KB) cannot be written; torch.save
+    reports that as a RuntimeError of its own, and the command still says why in one line."""
+    (tmp_path / "data.json").write_text(json.dumps(RECORDS))
+    out = tmp_path / "a.pt"
+    out.write_bytes(b"the last good adapter")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))  # noqa: E731
+    r = subprocess.run([sys.executable, "train.py", *train_args(tiny[1], tmp_path / "data.json", out,
+                                                                "--max-steps", "1", "--eval-every", "0",
+                                                                "--tokens", "64")],
+                       cwd=ROOT, capture_output=True, text=True, preexec_fn=limit,
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: cannot write {out}: the file is larger than this process may "
+                                             f"write (ulimit -f); {out} is as it was before this run"], r.stderr
+    assert out.read_bytes() == b"the last good adapter" and no_temporaries(tmp_path)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tiny, hf_source, tmp_path):
+    """A 64 KiB tmpfs, nearly full: the answers cannot be written (ENOSPC), nor a converted model
+    (safetensors reports it as an error of its own)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    try:
+        (mnt / "answers.jsonl").write_text("the answers of the last run\n")
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:  # ENOSPC: the disk is full
+            pass
+        finally:
+            os.close(fd)
+        (tmp_path / "p.txt").write_text("\n".join(f"question {i}" for i in range(64)))
+        r = subprocess.run([sys.executable, "generate.py", "--model", str(tiny[1]), "--data", str(tmp_path / "p.txt"),
+                            "--out", str(mnt / "answers.jsonl"), "--max-new-tokens", "8", "--device", "cpu"],
+                           cwd=ROOT, capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and "Traceback" not in r.stderr and lines[-1] == (
+            f"error: cannot write {mnt / 'answers.jsonl'}: the disk is full; {mnt / 'answers.jsonl'} is as it was "
+            f"before this run"), r.stderr
+        assert (mnt / "answers.jsonl").read_text() == "the answers of the last run\n" and no_temporaries(mnt)
+        r = subprocess.run([sys.executable, "convert_weights.py", str(hf_source), str(mnt / "c")], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+            f"error: cannot write {mnt / 'c'}: the disk is full"), r.stderr
+        assert sorted(p.name for p in mnt.iterdir()) == ["answers.jsonl", "filler"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("signal_error", [KeyboardInterrupt, Terminated])
+def test_a_signal_during_a_save_keeps_the_old_file(tmp_path, signal_error):
+    path = tmp_path / "a.pt"
+    path.write_bytes(b"old")
+
+    def half_then_signal(f):
+        f.write(b"half of the new file")
+        raise signal_error()
+
+    with pytest.raises(signal_error):
+        atomic_write(path, half_then_signal)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_the_write_itself_never_replaces_a_device_or_a_fifo(tmp_path):
+    """Even a write that skipped the gate leaves a device a device (root could replace /dev/null with a
+    file: the test makes its own null device, so that a wrong version breaks nothing outside tmp_path)."""
+    os.mkfifo(tmp_path / "fifo")
+    paths = [tmp_path / "fifo"]
+    try:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        paths.append(tmp_path / "null")
+    except PermissionError:  # not root: the FIFO alone
+        pass
+    for path in paths:
+        with pytest.raises(UserError, match="not a regular file"):
+            atomic_write(path, lambda f: f.write(b"x"))
+    assert all(not stat.S_ISREG(os.lstat(path).st_mode) for path in paths)
+
+
+def test_force_needs_a_marker_that_lists_every_file(tmp_path):
+    """--force removes only what the project wrote: a marker without a list of files (an older version),
+    or a file the marker does not list (the user's notes), stops it; Python's caches do not."""
+    with new_directory(tmp_path / "ours", "test") as tmp:
+        (tmp / "model.py").write_text("ours")
+    (tmp_path / "ours" / "__pycache__").mkdir()
+    (tmp_path / "ours" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"cache")
+    check_output_dir(tmp_path / "ours", force=True)
+    (tmp_path / "ours" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds notes.txt, which this project did not write"):
+        check_output_dir(tmp_path / "ours", force=True)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / MARKER).write_text('{"written_by": "aligner", "source": "x"}\n')
+    (tmp_path / "old" / "params.json").write_text("{}")
+    with pytest.raises(UserError, match="lists no files"):
+        check_output_dir(tmp_path / "old", force=True)
+
+
+def test_a_folder_a_run_adds_to_is_held(tmp_path):
+    """The experiment's results folder: a second run adding to it at the same time is refused."""
+    with added_folder(tmp_path / "results", "test", ["cells.jsonl"]):
+        child = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; sys.path.insert(0, '.');"
+                                "from support.temporary import added_folder; from support.errors import run_main;"
+                                f"run_main(lambda: added_folder(Path({str(tmp_path / 'results')!r}), 't', []).__enter__())"],
+                               cwd=ROOT, capture_output=True, text=True)
+    assert child.returncode == 2 and "in use by another run" in child.stderr, child.stderr
+    check_output_dir(tmp_path / "results", add=True)  # its own marker: added to without --force
+
+
+def test_an_error_under_a_progress_bar_starts_its_own_line(tiny, tmp_path):
+    """A prompt past the context stops `generate.py --data` while its bar is on screen."""
+    (tmp_path / "p.json").write_text(json.dumps([{"instruction": "hi"}] * 3 + [{"instruction": "word " * 400}]))
+    r = subprocess.run([sys.executable, "generate.py", "--model", str(tiny[1]), "--data", str(tmp_path / "p.json"),
+                        "--out", str(tmp_path / "a.jsonl"), "--batch-size", "1", "--max-new-tokens", "1",
+                        "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "answers:" in r.stderr, r.stderr
+    error = next(line for line in r.stderr.split("\n") if "error:" in line)
+    assert error.startswith("error: a prompt is"), r.stderr
+
+
+def test_a_path_that_is_not_utf8_and_data_from_stdin(tiny, tmp_path):
+    """An --out of bytes that are not UTF-8 is written and printed as those bytes; --data /dev/stdin
+    (a pipe) is read like a file."""
+    out = os.fsencode(tmp_path) + b"/caf\xe9.pt"
+    args = [*map(os.fsencode, train_args(tiny[1], "/dev/stdin", "x", "--max-steps", "1", "--eval-every", "0"))]
+    r = subprocess.run([os.fsencode(sys.executable), b"train.py", *args, b"--out", out], cwd=ROOT,
+                       capture_output=True, input=json.dumps(RECORDS).encode(),
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # strict, as under a UTF-8 locale
+    assert r.returncode == 0 and os.path.isfile(out) and b"saved " + out in r.stdout, r.stderr
+
+
+def test_the_memory_floor_refuses_only_what_cannot_fit(tiny, monkeypatch):
+    """The README's runs on the embedded 135M model (batch 64 of 8, and generation of 64 rows) need
+    far less than a laptop has; an absurd size is refused with both numbers, before any allocation."""
+    from model import CONFIGS
+    from support.flags import Runtime
+
+    cpu = torch.device("cpu")
+    for micro, most in ((8, 2**30), (64, 2 * 2**30)):  # the README's batch 64 of 8, and of 64 at once
+        readme = train.TrainConfig(data="d.json", batch_size=64, micro_batch_size=micro)
+        assert memory.training_bytes(readme, CONFIGS["smollm2-135m"], Runtime(device="cpu"), cpu) < most
+    monkeypatch.setattr(memory, "available", lambda device: 2 * 2**30)
+    memory.check_training(train.TrainConfig(data="d.json"), tiny[1], Runtime(device="cpu"), cpu)
+    for flags in ({"tokens": 10**8}, {"micro_batch_size": 10**7, "batch_size": 10**7}, {"batch_size": 10**9}):
+        with pytest.raises(UserError, match=r"needs at least [\d,.]+ GiB on cpu, and 2.0 GiB are free"):
+            memory.check_training(train.TrainConfig(data="d.json", **flags), tiny[1], Runtime(device="cpu"), cpu)
+    model = load_model(tiny[1])
+    sampling = type("S", (), {"max_new_tokens": 100})
+    assert memory.checked_length(model, [30] * 200, 64, sampling) == 130
+    with pytest.raises(UserError, match="decoding 1,000,000 rows"):
+        memory.checked_length(model, [30] * 10**6, 10**6, sampling)
