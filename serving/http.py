@@ -268,13 +268,17 @@ def uvicorn_server(app, engine: Engine, settings):
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            if engine.draining is None and not self.should_exit:
-                engine.drain(settings.grace)  # the loop's next tick sees it
-                end = asyncio.get_running_loop().time() + settings.grace
-                for deadline in list(app.state.readers):  # a body still arriving gets the grace, no more
-                    deadline.reschedule(min(end, deadline.when() or end))
-            else:
-                self.should_exit = self.force_exit = True  # a second signal: now
+            """First signal: drain with the grace; second: drain with none (every answer cut now, each
+            stream still ending with its reason and [DONE]); third: stop without waiting."""
+            self.signals = getattr(self, "signals", 0) + 1
+            if self.signals > 2 or self.should_exit:
+                self.should_exit = self.force_exit = True
+                return
+            grace = settings.grace if self.signals == 1 else 0.0
+            engine.drain(grace)  # the engine's next pass and the loop's next tick see it
+            end = asyncio.get_running_loop().time() + grace
+            for deadline in list(app.state.readers):  # a body still arriving gets the grace, no more
+                deadline.reschedule(min(end, deadline.when() or end))
 
         async def on_tick(self, counter: int) -> bool:
             if engine.draining is not None and not engine.busy() and not app.state.arriving:

@@ -268,6 +268,29 @@ def test_sigterm_with_sixteen_open_streams_ends_each_with_a_reason_and_done(serv
         assert "error" not in last or "shutting down" in last["error"]["message"]
 
 
+def test_a_second_sigterm_cuts_the_grace_short_and_still_ends_each_stream(long_tiny, tmp_path):
+    """--grace 60, two signals: every stream ends within seconds with its reason and [DONE], exit 0."""
+    proc, url = start_server(adapters(long_tiny, tmp_path), "--slots", "4", "--context", "2048", "--grace", "60")
+    outs = [[] for _ in range(6)]
+    body = {"model": "a1", "prompt": "the quick", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    threads = [threading.Thread(target=stream_events, args=(url, body, out)) for out in outs]
+    for t in threads:
+        t.start()
+    for _ in range(200):  # bounded: until the slots stream
+        if sum(len(o) > 2 for o in outs) >= 4:
+            break
+        time.sleep(0.05)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0 and time.monotonic() - t < 20  # not the 60 s of grace
+    for thread in threads:
+        thread.join(timeout=30)
+    assert "Traceback" not in proc.stderr.read()
+    assert all(out[-1] == "[DONE]" and "shutting down" in out[-2] for out in outs), [o[-2:] for o in outs]
+
+
 def test_a_body_that_never_arrives_neither_holds_the_server_nor_its_drain(server):
     """Half a body, then silence: SIGTERM still ends the server within its grace (1 s), exit 0."""
     proc, url = server
