@@ -239,18 +239,24 @@ def test_a_looping_template_is_cut_at_its_limit_while_the_server_answers(server)
     pool.shutdown(wait=False)
 
 
-def test_sigterm_with_sixteen_open_streams_ends_each_with_a_reason_and_done(server):
-    proc, url = server
-    outs = [[] for _ in range(16)]
+def open_streams(url, n: int):
+    """(outs, threads): n streamed 2,000-token answers started, once the 4 slots stream (bounded)."""
+    outs = [[] for _ in range(n)]
     body = {"model": "a1", "prompt": "the quick brown fox", "max_tokens": 2000, "temperature": 0,
             "ignore_eos": True}
     threads = [threading.Thread(target=stream_events, args=(url, body, out)) for out in outs]
     for t in threads:
         t.start()
-    for _ in range(200):  # bounded: until every slot streams
+    for _ in range(200):
         if sum(len(o) > 2 for o in outs) >= 4:
             break
         time.sleep(0.05)
+    return outs, threads
+
+
+def test_sigterm_with_sixteen_open_streams_ends_each_with_a_reason_and_done(server):
+    proc, url = server
+    outs, threads = open_streams(url, 16)
     proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(timeout=30)
@@ -271,15 +277,7 @@ def test_sigterm_with_sixteen_open_streams_ends_each_with_a_reason_and_done(serv
 def test_a_second_sigterm_cuts_the_grace_short_and_still_ends_each_stream(long_tiny, tmp_path):
     """--grace 60, two signals: every stream ends within seconds with its reason and [DONE], exit 0."""
     proc, url = start_server(adapters(long_tiny, tmp_path), "--slots", "4", "--context", "2048", "--grace", "60")
-    outs = [[] for _ in range(6)]
-    body = {"model": "a1", "prompt": "the quick", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
-    threads = [threading.Thread(target=stream_events, args=(url, body, out)) for out in outs]
-    for t in threads:
-        t.start()
-    for _ in range(200):  # bounded: until the slots stream
-        if sum(len(o) > 2 for o in outs) >= 4:
-            break
-        time.sleep(0.05)
+    outs, threads = open_streams(url, 6)
     t = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
