@@ -1,19 +1,23 @@
 """Speed and memory of ours against Hugging Face transformers + PEFT, same weights, same process.
 
     python bench.py --device cpu --size tiny
-    python bench.py --device cpu --size smollm2-135m
+    python bench.py --device cpu --size smollm2-135m --dtype both   # float32 and bfloat16, each vs its peers
     python bench.py --device cuda --size llama-2-7b --batch 8 --seq 512 [--compile]
 
 Random weights with the named size's shapes (no download). Alternating rounds of:
   train     forward + backward + AdamW on the Aligner only (PEFT: AdaptionPrompt with adapter_len
             N on the top L-2 layers, as close to Aligner as PEFT allows), tokens/s;
   generate  greedy decoding at batch 1 (transformers' generate for the peer), new tokens/s.
-On CUDA it also prints peak memory and the training step's model-FLOPs utilisation against a
-bf16 matmul rate measured here. The last line compares the two:
-  summary: train xR1 vs transformers+peft, generate xR2 vs transformers
+Each dtype is measured against transformers in the same dtype (--dtype both: float32 and bfloat16 in one
+run, interleaved). It first prints the CPU features it found (the bfloat16 units that --dtype auto
+follows). On CUDA it also prints peak memory and the training step's model-FLOPs utilisation against a
+bf16 matmul rate measured here. The last lines compare them, one per dtype:
+  summary float32: train xR1 vs transformers+peft, generate xR2 vs transformers
 A benchmark, not a test: tests/test_bench.py only checks that it runs.
 Read next: experiments/form_vs_knowledge.py, then tests/.
 """
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,8 +31,8 @@ from data import IGNORE, Batch
 from generate import Sampling, generate_batch
 from model import CONFIGS, Transformer
 from support.errors import UserError, run_main
-from support.flags import (DTYPES, QUANTIZE, check_flags, device_name, flag, fraction, parse_flags,
-                           positive_int)
+from support.flags import (DTYPES, QUANTIZE, bfloat16_units, check_flags, decode_dtype, device_name, flag,
+                           fraction, parse_flags, positive_int)
 from support.hf import hf_state
 from support.quantize import quantize_base, storage_bytes
 from train import sft_loss
@@ -139,8 +143,9 @@ class BenchConfig:
     gen_batch: int = flag(32, "prompts (of mixed lengths) in the batched decoding round", positive_int)
     rounds: int = flag(3, "alternating rounds of each measurement", positive_int)
     steps: int = flag(3, "training steps per round", positive_int)
-    dtype: str = flag("auto", "auto: bfloat16 on cuda, float32 on cpu",
-                      choices=["auto", "float32", "bfloat16"])
+    dtype: str = flag("auto", "auto: generate.py's default (bfloat16 on a GPU or a CPU with bfloat16 units, "
+                      "else float32); both: float32 and bfloat16",
+                      choices=["auto", "both", "float32", "bfloat16"])
     compile: bool = flag(False, "torch.compile our training forward and decoding step")
     attention: str = flag("einsum", "our causal attention (einsum: the default of train.py and generate.py)",
                           choices=["einsum", "sdpa"])
@@ -158,8 +163,8 @@ class Contender:
     """One implementation under test: a training step, its trainable parameters, and decode(prompts),
     which answers a batch of prompts greedily and returns the new tokens per second, all rows together."""
 
-    def __init__(self, name, step, params, decode):
-        self.name, self.step, self.params, self.decode = name, step, params, decode
+    def __init__(self, name, step, params, decode, dtype="float32"):
+        self.name, self.step, self.params, self.decode, self.dtype = name, step, params, decode, dtype
         self.train, self.mem = [], 0.0  # (forward, backward, optimizer) seconds per step; peak GiB
         self.gen = {}  # batch size -> tokens/s per round
 
@@ -172,7 +177,7 @@ def timed(device, fn):
     return n / (time.perf_counter() - t)
 
 
-def ours(cfg, model, aligner, device):
+def ours(cfg, model, aligner, device, dtype: str):
     forward = torch.compile(model) if cfg.compile else model
     decode_step = torch.compile(model, dynamic=False) if cfg.compile else None
     greedy = Sampling(max_new_tokens=cfg.new_tokens, temperature=0)
@@ -184,10 +189,10 @@ def ours(cfg, model, aligner, device):
         return timed(device, lambda: sum(map(len, generate_batch(model, prompts, aligner, greedy,
                                                                  forward=decode_step))))
 
-    return Contender("ours", train_step, list(aligner.parameters()), decode)
+    return Contender("ours", train_step, list(aligner.parameters()), decode, dtype)
 
 
-def peers(cfg, hf, peft, device):
+def peers(cfg, hf, peft, device, dtype: str):
     """transformers + PEFT, and transformers' generate with the adapter switched off (bare)."""
     def train_step(batch):
         logits = peft(input_ids=batch.ids[:, :-1]).logits  # (B, T, vocab)
@@ -215,8 +220,8 @@ def peers(cfg, hf, peft, device):
         return tok_s
 
     params = [q for q in peft.parameters() if q.requires_grad]
-    return [Contender("peer", train_step, params, decode),
-            Contender("bare", None, [], lambda prompts: decode(prompts, bare=True))]
+    return [Contender("peer", train_step, params, decode, dtype),
+            Contender("bare", None, [], lambda prompts: decode(prompts, bare=True), dtype)]
 
 
 def measure(cfg, contenders, weights, vocab, device):
@@ -232,8 +237,8 @@ def measure(cfg, contenders, weights, vocab, device):
                     torch.cuda.reset_peak_memory_stats()
                 n_steps = 1 if r == 0 else cfg.steps
                 times = train_steps(c.step, c.params, n_steps, batch, device)
-                if device.type == "cuda":  # both models live in this process: leave out the other's weights
-                    other = sum(w for name, w in weights.items() if name != c.name)
+                if device.type == "cuda":  # all models live in this process: leave out the others' weights
+                    other = sum(w for key, w in weights.items() if key != (c.name, c.dtype))
                     c.mem = max(c.mem, (torch.cuda.max_memory_allocated() - other) / 2**30)
                 c.train += times if r > 0 else []
             for size in sorted({1, cfg.gen_batch}):
@@ -241,78 +246,114 @@ def measure(cfg, contenders, weights, vocab, device):
                 c.gen.setdefault(size, []).extend([tok_s] if r > 0 else [])
 
 
-def report(cfg, contenders, model, dtype, device):
+def report(cfg, contenders, model, device):
     rate = matmul_tflops(device) if device.type == "cuda" else None
     labelled = 1 - int(cfg.prompt * (cfg.seq + 1)) / cfg.seq
     flops = train_flops_per_token(model.args, cfg.seq, 2, labelled)
-    header(cfg, model, dtype, device, labelled)
+    header(cfg, model, device, labelled)
     if rate:
         print(f"bf16 matmul measured: {rate:.0f} TFLOP/s; training step {flops / 1e9:.2f} GFLOP/token "
               f"-> ceiling {rate * 1e12 / flops:,.0f} tokens/s")
     b = cfg.gen_batch
-    print(f"{'':26}{'train tok/s':>12}{'decode b=1':>12}{f'b={b} total':>13}{'per row':>9}"
+    print(f"{'':36}{'train tok/s':>12}{'decode b=1':>12}{f'b={b} total':>13}{'per row':>9}"
           f"{'peak GiB':>10}{'MFU':>6}")
+    med = {(c.name, c.dtype): row(cfg, c, flops, rate, device) for c in contenders}
+    for c in (c for c in contenders if c.name == "ours"):
+        split = [1000 * statistics.median(t[i] for t in c.train) for i in range(3)]
+        _, one, many = med["ours", c.dtype]
+        print(f"ours {c.dtype}, one step: forward {split[0]:.0f} ms, backward {split[1]:.0f} ms, "
+              f"optimizer {split[2]:.1f} ms; batch {b} decoding x{many / one:.1f} the total tokens/s "
+              f"of batch 1")
+    summaries(med, b)
+
+
+def row(cfg, c: Contender, flops: float, rate, device) -> tuple:
+    """Print one contender's line of the table; return its medians (train, decode b=1, b=gen_batch)."""
     labels = {"ours": "ours (model.py)", "peer": "transformers + PEFT", "bare": "transformers, no adapter"}
-    med = {}
-    for c in contenders:
-        tr = statistics.median(cfg.batch * cfg.seq / sum(t) for t in c.train) if c.train else None
-        med[c.name] = (tr, statistics.median(c.gen[1]), statistics.median(c.gen[b]))
-        mfu = f"{100 * tr * flops / (rate * 1e12):.0f}%" if rate and tr else "-"
-        mem = f"{c.mem:.1f}" if device.type == "cuda" and tr else "-"
-        train_col = f"{tr:,.0f}" if tr else "-"
-        print(f"{labels[c.name]:<26}{train_col:>12}{med[c.name][1]:>12,.1f}{med[c.name][2]:>13,.1f}"
-              f"{med[c.name][2] / b:>9,.1f}{mem:>10}{mfu:>6}")
-    split = [1000 * statistics.median(t[i] for t in contenders[0].train) for i in range(3)]
-    print(f"ours, one step: forward {split[0]:.0f} ms, backward {split[1]:.0f} ms, "
-          f"optimizer {split[2]:.1f} ms")
-    ours_b = med["ours"][2] / med["ours"][1]
-    print(f"ours, batch {b} decoding: x{ours_b:.1f} the total tokens/s of batch 1")
-    if "peer" in med:
-        print(f"summary: train x{med['ours'][0] / med['peer'][0]:.2f} vs transformers+peft, "
-              f"generate x{med['ours'][1] / med['bare'][1]:.2f} vs transformers (batch 1), "
-              f"x{med['ours'][2] / med['peer'][2]:.2f} vs transformers+peft (batch {b})")
+    b = cfg.gen_batch
+    tr = statistics.median(cfg.batch * cfg.seq / sum(t) for t in c.train) if c.train else None
+    m = (tr, statistics.median(c.gen[1]), statistics.median(c.gen[b]))
+    mfu = f"{100 * tr * flops / (rate * 1e12):.0f}%" if rate and tr else "-"
+    mem = f"{c.mem:.1f}" if device.type == "cuda" and tr else "-"
+    train_col = f"{tr:,.0f}" if tr else "-"
+    print(f"{f'{labels[c.name]}, {c.dtype}':<36}{train_col:>12}{m[1]:>12,.1f}{m[2]:>13,.1f}"
+          f"{m[2] / b:>9,.1f}{mem:>10}{mfu:>6}")
+    return m
 
 
-def header(cfg, model, dtype, device, labelled):
+def summaries(med: dict, b: int):
+    """One line per dtype against the peers in that dtype, and bfloat16 against float32 (ours)."""
+    for dtype in dict.fromkeys(d for _, d in med):
+        ours, peer, bare = (med.get((name, dtype)) for name in ("ours", "peer", "bare"))
+        if peer:
+            print(f"summary {dtype}: train x{ours[0] / peer[0]:.2f} vs transformers+peft, "
+                  f"generate x{ours[1] / bare[1]:.2f} vs transformers (batch 1), "
+                  f"x{ours[2] / peer[2]:.2f} vs transformers+peft (batch {b})")
+    if ("ours", "float32") in med and ("ours", "bfloat16") in med:
+        bf, f32 = med["ours", "bfloat16"], med["ours", "float32"]
+        print(f"ours bfloat16 vs ours float32: train x{bf[0] / f32[0]:.2f}, generate x{bf[1] / f32[1]:.2f} "
+              f"(batch 1), x{bf[2] / f32[2]:.2f} (batch {b})")
+
+
+def hardware(device) -> str:
+    """The processor features that decide the dtype (support/flags.py bfloat16_units) and the speed."""
+    found = [name[4:-10] for name in ("_is_avx2_supported", "_is_avx512_supported", "_is_vnni_supported",
+                                      "_is_avx512_bf16_supported", "_is_amx_tile_supported")
+             if getattr(torch.cpu, name, lambda: False)()]
+    return (f"CPU: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"kernels {torch.backends.cpu.get_cpu_capability()}, features: {' '.join(found) or 'none'}; "
+            f"bfloat16 units on {device.type}: {'yes' if bfloat16_units(device) else 'no'}")
+
+
+def header(cfg, model, device, labelled):
     options = [o for o, on in (("compiled", cfg.compile), (f"{cfg.attention} attention", True),
                                ("activation checkpointing", cfg.activation_checkpointing)) if on]
     size = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"\n{cfg.size} ({size:.1f}M), {str(dtype)[6:]}, {device}, "
+    print(f"\n{cfg.size} ({size:.1f}M), {device}, "
           f"torch {torch.__version__}, batch {cfg.batch} x {cfg.seq} ({100 * labelled:.0f}% labelled), "
           f"{cfg.tokens} Aligner token(s)"
           + "".join(f", {o}" for o in options))
 
 
+def contenders_in(cfg, margs, device, dtype: str, weights: dict) -> list:
+    """Ours, transformers + PEFT and bare transformers, all in `dtype`, on the same random weights."""
+    model = random_model(margs, device, DTYPES[dtype])
+    model.use_sdpa(cfg.attention == "sdpa")
+    model.activation_checkpointing = cfg.activation_checkpointing
+    aligner = Aligner(margs, cfg.tokens).to(device)
+    with torch.no_grad():
+        aligner.gates.normal_(0, 0.1)  # non-zero: the prefix path really runs
+    contenders = []
+    if not cfg.no_peer:  # the peer copies our weights before they are quantized
+        try:
+            hf, peft = peer_model(model, cfg.tokens, device, DTYPES[dtype])
+            contenders += peers(cfg, hf, peft, device, dtype)
+            weights["peer", dtype] = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+        except ImportError:
+            print("transformers/peft not installed: measuring ours only")
+    quantize_base(model, cfg.quantize)
+    weights["ours", dtype] = sum(storage_bytes(t) for t in {id(p): p for p in model.parameters()}.values())
+    print(f"our weights, {dtype}: {weights['ours', dtype] / 2**30:.2f} GiB ({cfg.quantize} quantization "
+          f"of the layers)")
+    return [ours(cfg, model, aligner, device, dtype), *contenders], model
+
+
 def bench(cfg: BenchConfig):
     device = torch.device(cfg.device)
-    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else auto
+    dtypes = {"both": ["float32", "bfloat16"], "auto": [decode_dtype(device)]}.get(cfg.dtype, [cfg.dtype])
     margs = CONFIGS[cfg.size]
     if cfg.seq + 1 > margs.max_seq_len or cfg.new_tokens + 64 > margs.max_seq_len:
         raise UserError(f"--seq {cfg.seq} (+1) and --new-tokens {cfg.new_tokens} (after prompts of up to 64) "
                         f"must fit the {cfg.size} context of {margs.max_seq_len}")
     if int(cfg.prompt * (cfg.seq + 1)) >= cfg.seq:
         raise UserError(f"--prompt {cfg.prompt} leaves no labelled position in --seq {cfg.seq}: lower it")
-    model = random_model(margs, device, dtype)
-    model.use_sdpa(cfg.attention == "sdpa")
-    model.activation_checkpointing = cfg.activation_checkpointing
-    aligner = Aligner(margs, cfg.tokens).to(device)
-    with torch.no_grad():
-        aligner.gates.normal_(0, 0.1)  # non-zero: the prefix path really runs
+    print(hardware(device))
     contenders, weights = [], {}
-    if not cfg.no_peer:  # the peer copies our weights before they are quantized
-        try:
-            hf, peft = peer_model(model, cfg.tokens, device, dtype)
-            contenders += peers(cfg, hf, peft, device)
-            weights["peer"] = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
-        except ImportError:
-            print("transformers/peft not installed: measuring ours only")
-    quantize_base(model, cfg.quantize)
-    weights["ours"] = sum(storage_bytes(t) for t in {id(p): p for p in model.parameters()}.values())
-    print(f"our weights: {weights['ours'] / 2**30:.2f} GiB ({cfg.quantize} quantization of the layers)")
-    contenders.insert(0, ours(cfg, model, aligner, device))
+    for dtype in dtypes:
+        more, model = contenders_in(cfg, margs, device, dtype, weights)
+        contenders += more
     measure(cfg, contenders, weights, margs.vocab_size, device)
-    report(cfg, contenders, model, dtype, device)
+    report(cfg, contenders, model, device)
 
 
 def main(argv=None):

@@ -32,8 +32,8 @@ from generate import Sampling, generate_batch
 from support.chat import Chat, template_of
 from support.convert import model_dir
 from support.errors import run_main
-from support.flags import (QUANTIZE, Runtime, bfloat16_units, path_text, positive_float, positive_int,
-                           random_seed)
+from support.flags import (QUANTIZE, Runtime, bfloat16_units, decode_dtype, path_text, positive_float,
+                           positive_int, random_seed)
 from train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -60,7 +60,7 @@ def demo(args):
     follows_form, rule = form_check()
     path = model_dir(None)
     units = bfloat16_units("cpu")
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if units else "float32"
+    dtype = args.dtype if args.dtype != "auto" else decode_dtype("cpu")  # the rule of generate.py, serve.py
     print(f"the frozen base in {dtype} on the CPU ({'with' if units else 'no'} bfloat16 units)")
     run = train(TrainConfig(data=str(DATA / "form_train.json"), model=str(path), out=args.out,
                             tokens=args.tokens, batch_size=8, micro_batch_size=8, lr=args.lr,

