@@ -23,7 +23,6 @@ from serving.engine import Engine, Limits
 from serving.http import make_app, uvicorn_server
 from support.adapter_file import column, load_aligner, one_base
 from support.checkpoint import load_base
-from support.convert import model_dir
 from support.errors import UserError, run_main
 from support.flags import (Runtime, check_flags, count, flag, non_negative_float, parse_flags, path_text,
                            positive_float, positive_int)
@@ -84,14 +83,14 @@ def load_served(cfg: ServeConfig, runtime: Runtime):
             raise UserError(f"two adapters would be served as {name!r} (or one as 'base', the base model's "
                             f"name): rename a file")
     adapters = [(str(f), load_aligner(f)) for f in files]
-    path = model_dir(one_base(adapters, cfg.model))
     device = runtime.pick_device()
-    model, tok = load_base(path, runtime, device)
-    served = {"base": column("base", None, "alpaca", tok, path)}
+    base = load_base(one_base(adapters, cfg.model), runtime, device)
+    model, tok, _ = base
+    served = {"base": column("base", None, "alpaca", base)}
     for name, (where, a) in zip(names, adapters):
         a.check_fits(model.args, where)
         try:
-            served[name] = column(name, a.to(device), a.meta.get("template", "alpaca"), tok, path)
+            served[name] = column(name, a.to(device), a.meta.get("template", "alpaca"), base)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
     return model, tok, served
@@ -154,7 +153,7 @@ def serve(cfg: ServeConfig, runtime: Runtime):
 
 
 def main(argv=None):
-    run_main(lambda: serve(*parse_flags(argv, __doc__, ServeConfig, Runtime)))
+    run_main(lambda: serve(*parse_flags(argv, __doc__, ServeConfig, Runtime.for_decoding())))
 
 
 if __name__ == "__main__":

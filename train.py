@@ -30,10 +30,8 @@ from data import IGNORE, Batch, batch_indices, collate, load_examples, split
 from generate import Sampling, generate
 from model import Transformer
 from support import parallel, report
-from support.adapter_file import load_aligner, resume_checkpoint, save_checkpoint
-from support.chat import chat_of
+from support.adapter_file import Checkpoint, load_aligner
 from support.checkpoint import load_base
-from support.convert import model_dir
 from support.errors import UserError
 from support.flags import (Runtime, check_flags, count, flag, fraction, non_negative_float, run_command,
                            path_text, positive_float, positive_int, random_seed, epoch_count, step_count)
@@ -136,18 +134,18 @@ def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     """Everything the loop needs; `model` is a base already loaded (demo.py reuses one)."""
     if cfg.out:  # before any work: --out and its metrics file may cost the user no file
         check_outputs([cfg.out, metrics_path(cfg)], [cfg.data, cfg.init], cfg.model)
-    path = model_dir(cfg.model)
     torch.manual_seed(cfg.seed)
     ranks = parallel.setup(runtime.pick_device(), cfg.shard)
     if cfg.batch_size % (cfg.micro_batch_size * ranks.world):  # the config checked it for one process
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
                         f"{cfg.micro_batch_size} times the {ranks.world} process(es)")
-    checkpoint = resume_checkpoint(cfg.out, resume_flags(cfg, path, runtime)) if cfg.resume else None
-    model, tok = load_base(path, runtime, ranks.device, model, training=cfg)  # memory checked first
+    base = load_base(cfg.model, runtime, ranks.device, model, training=cfg)  # memory checked first
+    model, tok, path = base
+    checkpoint = Checkpoint.read(cfg.out, resume_flags(cfg, path, runtime)) if cfg.resume else None
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.shard:
         ranks.shard(model)
-    chat = chat_of(None, path, tok) if cfg.template == "chat" else None  # the model's own template
+    chat = base.chat() if cfg.template == "chat" else None  # the model's own template
     data, loss_fn, batcher = load_data(cfg, tok, path, model.args.max_seq_len, chat)
     val, train_set = split(data.examples, cfg.val_fraction, cfg.seed)
     aligner = make_aligner(cfg, model, path, checkpoint, runtime.quantize, chat).to(ranks.device)
@@ -278,7 +276,7 @@ def save(run: Run, cfg: TrainConfig, metrics: StagedLines):
         raise UserError(f"the Aligner after step {run.step} gives loss {loss}: stopped without saving it; "
                         f"{cfg.out} keeps the last good checkpoint (try a lower --lr)")
     if run.ranks.rank == 0:
-        save_checkpoint(run.aligner, run.optimizer, run.step, cfg, cfg.out)
+        Checkpoint.write(run.aligner, run.optimizer, run.step, cfg, cfg.out)
         metrics.publish()
 
 

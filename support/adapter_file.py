@@ -6,8 +6,8 @@ every field checked.
     aligner = load_aligner("out.pt")        # ours, a training checkpoint, or an official .pth
     path = base_dir(aligner, "out.pt")      # the base model directory it was trained on
     path = one_base([("a.pt", a), ("b.pt", b)])  # the one base of several (or a UserError)
-    save_checkpoint(aligner, optimizer, step, cfg, "out.pt")       # train.py's, for --resume
-    checkpoint = resume_checkpoint("out.pt", {"--tokens": 1})      # .aligner, .step, .restore(optimizer)
+    Checkpoint.write(aligner, optimizer, step, cfg, "out.pt")      # train.py's, for --resume
+    checkpoint = Checkpoint.read("out.pt", {"--tokens": 1})        # .aligner, .step, .restore(optimizer)
     aligner = load_aligner("sft.pt", like=cfg)  # --init, its --tokens/--start-layer/--per-layer as cfg's
     model, tok, columns = load_for_generation(cfg, runtime)  # generate.py: the base and a Column each
 
@@ -23,9 +23,8 @@ import torch
 
 from aligner import Aligner
 from model import ModelArgs
-from support.chat import Chat, chat_of
-from support.checkpoint import load_base
-from support.convert import model_dir
+from support.chat import Chat
+from support.checkpoint import Base, load_base
 from support.errors import UserError
 from support.flags import MAX_STEPS
 from support.inputs import load_weights
@@ -127,48 +126,49 @@ def from_tensors(tokens, gates, start_layer: int, per_layer: bool, meta: dict, w
     return aligner
 
 
-def save_checkpoint(aligner: Aligner, optimizer, step: int, cfg, path):
-    """train.py's checkpoint, atomically: the Aligner (what generate.py reads), the optimizer state
-    and the step (what --resume reads), and the config (a train.TrainConfig)."""
-    atomic_save({"aligner": to_dict(aligner), "optimizer": optimizer.state_dict(), "step": step,
-                 "config": asdict(cfg)}, path)
-
-
-class Resumed(NamedTuple):
-    """A training checkpoint read for --resume: its Aligner and step, and `restore(optimizer)`, which
-    puts its optimizer state into the new run's optimizer (restore_optimizer)."""
+class Checkpoint(NamedTuple):
+    """train.py's checkpoint file: the Aligner (what generate.py reads), the optimizer state and the
+    step (what --resume reads), and the config. `Checkpoint.write` saves one atomically;
+    `Checkpoint.read` reads one for --resume, and its `restore(optimizer)` puts the optimizer state
+    into the new run's optimizer (restore_optimizer)."""
     aligner: Aligner
     step: int
     state: dict  # the checkpoint as read
     path: str
 
+    @staticmethod
+    def write(aligner: Aligner, optimizer, step: int, cfg, path):
+        """The checkpoint of a run at `step`, atomically (cfg: a train.TrainConfig)."""
+        atomic_save({"aligner": to_dict(aligner), "optimizer": optimizer.state_dict(), "step": step,
+                     "config": asdict(cfg)}, path)
+
+    @staticmethod
+    def read(path, given: dict) -> "Checkpoint":
+        """The checkpoint at `path`, its fields checked like an adapter's, and each flag of `given`
+        ({"--tokens": 1, ...}: what defines the Aligner and its base) equal to what it was trained with."""
+        d = load_weights(path)
+        if not isinstance(d.get("aligner"), dict) or "optimizer" not in d or "step" not in d:
+            raise UserError(f"{path} is an adapter but not a training checkpoint of train.py, so it "
+                            f"cannot be resumed; start a new run from it with --init {path}")
+        aligner = from_dict(d["aligner"], path)
+        if type(d["step"]) is not int or not 0 <= d["step"] <= MAX_STEPS:
+            raise UserError(f"{path}: its step {d['step']!r} is not a whole number from 0 to {MAX_STEPS:,}; "
+                            f"the file is damaged")
+        config = d["config"] if isinstance(d.get("config"), dict) else {}
+        trained = {"--tokens": aligner.n_tokens, "--start-layer": aligner.start_layer,
+                   "--per-layer": aligner.per_layer, "--model": aligner.meta.get("base"),
+                   "--template": aligner.meta.get("template", "alpaca"),
+                   "--dpo": aligner.meta.get("mode") == "dpo",
+                   "--quantize": aligner.meta.get("quantize", "none"), "--init": config.get("init")}
+        for flag, value in given.items():
+            if value != trained[flag]:
+                raise UserError(f"--resume: {flag} is {value!r} here, but {path} was trained with "
+                                f"{trained[flag]!r}: give the same value, or leave out --resume to "
+                                f"start anew")
+        return Checkpoint(aligner, d["step"], d, path)
+
     def restore(self, optimizer):
         restore_optimizer(optimizer, self.state["optimizer"], self.path)
-
-
-def resume_checkpoint(path, given: dict) -> Resumed:
-    """The Resumed of a file that train.py's `save` wrote, for --resume: its fields
-    checked like an adapter's, and each flag of `given` ({"--tokens": 1, ...}: what defines the
-    Aligner and its base) equal to what the checkpoint was trained with."""
-    d = load_weights(path)
-    if not isinstance(d.get("aligner"), dict) or "optimizer" not in d or "step" not in d:
-        raise UserError(f"{path} is an adapter but not a training checkpoint of train.py, so it "
-                        f"cannot be resumed; start a new run from it with --init {path}")
-    aligner = from_dict(d["aligner"], path)
-    if type(d["step"]) is not int or not 0 <= d["step"] <= MAX_STEPS:
-        raise UserError(f"{path}: its step {d['step']!r} is not a whole number from 0 to {MAX_STEPS:,}; "
-                        f"the file is damaged")
-    config = d["config"] if isinstance(d.get("config"), dict) else {}
-    trained = {"--tokens": aligner.n_tokens, "--start-layer": aligner.start_layer,
-               "--per-layer": aligner.per_layer, "--model": aligner.meta.get("base"),
-               "--template": aligner.meta.get("template", "alpaca"),
-               "--dpo": aligner.meta.get("mode") == "dpo",
-               "--quantize": aligner.meta.get("quantize", "none"), "--init": config.get("init")}
-    for flag, value in given.items():
-        if value != trained[flag]:
-            raise UserError(f"--resume: {flag} is {value!r} here, but {path} was trained with "
-                            f"{trained[flag]!r}: give the same value, or leave out --resume to start anew")
-    return Resumed(aligner, d["step"], d, path)
 
 
 def load_init(path, cfg) -> Aligner:
@@ -219,20 +219,20 @@ def load_for_generation(cfg, runtime):
     base = one_base(adapters, cfg.model)
     if cfg.out:
         check_outputs([cfg.out], [cfg.data, *(cfg.adapter or [])], base)
-    path = model_dir(base)
     device = runtime.pick_device()
-    model, tok = load_base(path, runtime, device)
+    base = load_base(base, runtime, device)
+    model, tok, path = base
     for _, a in adapters:
         a.check_fits(model.args, str(path))
         a.to(device)
-    columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), tok, path) for p, a in adapters]
+    columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), base) for p, a in adapters]
     if cfg.compare or not columns:  # the base answers as the adapter is asked (in a chat with --chat)
         template = cfg.template or (columns[0].template if columns else "chat" if cfg.chat else "alpaca")
-        columns.insert(0, column("base", None, template, tok, path))
+        columns.insert(0, column("base", None, template, base))
     return model, tok, columns
 
 
-def column(name: str, aligner, template: str, tok, path) -> Column:
+def column(name: str, aligner, template: str, base: Base) -> Column:
     """A Column; its chat template is the one the adapter was trained with, else the model's own."""
-    chat = chat_of(aligner, path, tok) if template == "chat" else None
-    return Column(name, aligner, template, chat, chat.stop_id if chat else tok.eos_id)
+    chat = base.chat(aligner) if template == "chat" else None
+    return Column(name, aligner, template, chat, chat.stop_id if chat else base.tok.eos_id)

@@ -2,6 +2,7 @@
 model.safetensors with Meta's tensor names and layout, and the tokenizer files.
 
     model = load_model("checkpoints/smollm2-135m-instruct", device, dtype, quantize="none")
+    model, tok, path = load_base(None, runtime, device)   # every command's: the Base, in the runtime's dtype
     args, state = read_state(path)            # every tensor's shape checked before any is read
     write_dir(args, state, path)              # the other way
 
@@ -12,10 +13,12 @@ import math
 import re
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from model import ModelArgs, Transformer
+from support.chat import Chat, chat_of
 from support.errors import UserError
 from support.inputs import read_json_object
 from support.quantize import quantize_base
@@ -141,18 +144,33 @@ def load_model(path, device="cpu", dtype=torch.float32, quantize="none") -> Tran
     return quantize_base(model.requires_grad_(False).eval(), quantize)
 
 
-def load_base(path, runtime, device, model=None, training=None) -> tuple:
-    """(the frozen base, its tokenizer) from a converted directory, as every command runs them: in the
-    runtime's dtype on `device`, quantized when asked, its causal attention through the einsum lines
-    or sdpa. `model`: a base already loaded (the experiment shares one), set up the same way.
-    `training` (a train.TrainConfig): first refuse a run whose memory floor exceeds what is free."""
-    if training is not None:
-        from support.memory import check_training  # memory.py reads params.json through this file
+class Base(NamedTuple):
+    """A base as every command runs it: the frozen model, its tokenizer, the directory they came from."""
+    model: Transformer
+    tok: Tokenizer
+    path: Path
 
+    def chat(self, aligner=None) -> Chat:
+        """The chat template an Aligner (None: the base alone) is asked in: the one it was trained
+        with, else the directory's own (support/chat.py)."""
+        return chat_of(aligner, self.path, self.tok)
+
+
+def load_base(path, runtime, device, model=None, training=None) -> Base:
+    """The Base of a converted directory (None: the embedded default, converted on first use), as
+    every command runs it: in the runtime's dtype on `device`, quantized when asked, its causal
+    attention through the einsum lines or sdpa. `model`: a base already loaded (the experiment
+    shares one), set up the same way. `training` (a train.TrainConfig): first refuse a run whose
+    memory floor exceeds what is free."""
+    from support.convert import model_dir  # convert.py writes directories through this file
+    from support.memory import check_training  # memory.py reads params.json through this file
+
+    path = model_dir(path)
+    if training is not None:
         check_training(training, path, runtime, device, loaded=model is not None)
     model = model or load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
     model.use_sdpa(runtime.attention == "sdpa")
-    return model, Tokenizer(path, model.args.vocab_size)
+    return Base(model, Tokenizer(path, model.args.vocab_size), path)
 
 
 def is_tiktoken(model_file: Path) -> bool:

@@ -41,9 +41,10 @@ def engine_parts(tiny):
     from serving.engine import Engine, Limits
 
     _, path = tiny
-    model, tok = load_base(path, Runtime(), torch.device("cpu"))
+    base = load_base(path, Runtime(), torch.device("cpu"))
+    model, tok = base.model, base.tok
     a = nonzero_aligner(model.args, 2, seed=5)
-    served = {"base": column("base", None, "raw", tok, path), "a": column("a", a, "raw", tok, path)}
+    served = {"base": column("base", None, "raw", base), "a": column("a", a, "raw", base)}
 
     def start():
         engine = Engine(model, tok, served, Limits(slots=4, context=128))
