@@ -4,6 +4,9 @@
     python lessons.py start 3                   # a copy of the primer, lesson 3's code left for you
     python lessons.py check 3                   # grade your copy: pass, or the difference and a hint
     python lessons.py check all --dir .         # grade the project itself (a teacher's check)
+    python lessons.py hint 3 --level 2          # 1: the idea, 2: the shapes, 3: the einsum strings
+    python lessons.py solution 3                # the reference and your diff, once your check passes
+    python lessons.py catalog 3                 # the graders against the catalog of wrong answers
     python lessons.py lab tanh                  # an open lab: a variant trained and measured
 
 `start` copies the primer (model.py, aligner.py, data.py, generate.py, train.py, dpo.py) and the
@@ -11,11 +14,12 @@ support package into a folder of yours (default ~/aligner-lessons/lesson-N), wit
 replaced by a stub that says what to write and raises NotImplementedError. The code is found by
 name (lessons/catalog.py), so a refactor that moves it breaks a test, not a class. `check` runs
 the lesson's graders (lessons/graders.py) on that folder in a fresh process. Neither command
-writes inside the project. Read the lesson's page first: lessons/README.md lists them.
+writes inside the project. `solution` shows the reference only after your check passes (a teacher
+adds --teacher). Read the lesson's page first: lessons/README.md lists them.
 Read next: lessons/README.md.
 """
 import argparse
-import ast
+import difflib
 import shutil
 import subprocess
 import sys
@@ -24,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "lessons"))
 
-from catalog import LESSONS, Blank  # noqa: E402
+from catalog import HINTS, LESSONS, Blank, region  # noqa: E402
 from support.errors import UserError, run_main  # noqa: E402
 from support.flags import path_text, positive_int  # noqa: E402
 from support.outputs import check_output_dir  # noqa: E402
@@ -40,27 +44,10 @@ def lesson(text: str):
     return numbers[text]
 
 
-def find_function(tree, qualname: str):
-    """The FunctionDef of `Class.method` or `function` in a module's tree."""
-    node, parts = tree, qualname.split(".")
-    for part in parts:
-        kinds = (ast.FunctionDef, ast.ClassDef)
-        node = next((n for n in node.body if isinstance(n, kinds) and n.name == part), None)
-        if node is None:
-            raise LookupError(f"no {qualname}")
-    return node
-
-
 def blank(source: str, b: Blank) -> str:
     """`source` with the block that `b` names replaced by its stub, indented as the block was."""
     lines = source.splitlines()
-    fn = find_function(ast.parse(source), b.function)
-    body = fn.body[1:] if ast.get_docstring(fn) else fn.body
-    first, last = body[0].lineno - 1, fn.end_lineno  # 0-based, end exclusive
-    if b.start:
-        first = next(i for i in range(first, last) if b.start in lines[i])
-        last = next((i for i in range(first + 1, last) if lines[i].strip().startswith(b.end)), last) \
-            if b.end else last
+    first, last = region(source, b)
     indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
     return "\n".join(lines[:first] + [indent + s for s in b.stub.splitlines()] + lines[last:]) + "\n"
 
@@ -70,7 +57,7 @@ def start(number: str, folder, force: bool):
     every output directory is (support/outputs.py): never over files without --force, and with --force
     only over a folder that `start` made, holding no file it did not write (your notes stay yours)."""
     entry = lesson(number)
-    folder = Path(folder or Path.home() / "aligner-lessons" / f"lesson-{entry.number}").expanduser()
+    folder = Path(folder or default_folder(entry.number)).expanduser()
     if folder.resolve() == ROOT or ROOT in folder.resolve().parents:
         raise UserError(f"{folder} is inside the project; start a lesson in a folder of your own")
     check_output_dir(folder, force=force)
@@ -98,6 +85,59 @@ def check(number: str, folder) -> int:
     return r.returncode
 
 
+def default_folder(number) -> Path:
+    return Path.home() / "aligner-lessons" / f"lesson-{number}"
+
+
+def hint(number: str, level: int):
+    entry = lesson(number)
+    names = ["the idea", "the shapes", "the einsum strings, or the calls"]
+    for i in range(level):
+        print(f"{i + 1}. {names[i]}: {HINTS[entry.number][i]}")
+    if level < 3:
+        print(f"(more: python lessons.py hint {entry.number} --level {level + 1})")
+
+
+def block(source: str, b: Blank) -> list:
+    """The lines of the block `b` names in `source`, or all of it if the markers are gone."""
+    try:
+        first, last = region(source, b)
+    except (LookupError, StopIteration, SyntaxError):
+        return source.splitlines()
+    return source.splitlines()[first:last]
+
+
+def solution(number: str, folder, teacher: bool):
+    """The reference code of the lesson, and the student's diff against it: after the check passes in
+    the student's folder, or at once with --teacher."""
+    entry = lesson(number)
+    folder = Path(folder or default_folder(entry.number)).expanduser()
+    if not teacher:
+        if not (folder / "model.py").is_file():
+            raise UserError(f"{folder} holds no lesson copy: the solution shows once `python lessons.py "
+                            "check "
+                            f"{entry.number} --dir {folder}` passes (a teacher: --teacher)")
+        if check(str(entry.number), folder) != 0:
+            raise UserError(f"lesson {entry.number}'s check does not pass yet in {folder}: the solution "
+                            "shows once "
+                            f"it does (python lessons.py hint {entry.number} helps; a teacher: --teacher)")
+    for b in entry.blanks:
+        reference = block((ROOT / b.file).read_text(), b)
+        print(f"\n# the reference: {b.file}:{b.function}\n" + "\n".join(reference))
+        mine = folder / b.file
+        if mine.is_file():
+            diff = list(difflib.unified_diff(reference, block(mine.read_text(), b), "reference",
+                                             f"yours ({mine})",
+                                             lineterm=""))
+            print("\n".join(diff) if diff else "# yours is the same")
+
+
+def catalog(numbers: list) -> int:
+    """Every wrong answer of the lessons' catalog on a temporary copy: 0 when the graders catch them all."""
+    numbers = [str(lesson(n).number) for n in numbers]
+    return subprocess.run([sys.executable, str(ROOT / "lessons" / "trial.py"), *numbers]).returncode
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +153,17 @@ def main(argv=None):
     lab.add_argument("--steps", type=positive_int, default=40, help="optimizer steps of 8 (default 40)")
     lab.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts scored (default 32)")
     lab.add_argument("--seeds", type=positive_int, default=2, help="seeds per variant (default 2)")
+    h = sub.add_parser("hint", help="a hint for a lesson, in levels")
+    h.add_argument("lesson", help="the lesson's number")
+    h.add_argument("--level", type=int, choices=[1, 2, 3], default=1,
+                   help="1: the idea, 2: the shapes, 3: the einsum strings (default 1)")
+    so = sub.add_parser("solution", help="the reference and your diff, once your check passes")
+    so.add_argument("lesson", help="the lesson's number")
+    so.add_argument("--dir", type=path_text, help="your folder (default: ~/aligner-lessons/lesson-N)")
+    so.add_argument("--teacher", action="store_true", help="show it without grading a folder")
+    cat = sub.add_parser("catalog", help="the graders against the catalog of wrong answers "
+                                         "(lessons/mistakes.py)")
+    cat.add_argument("lessons", nargs="*", help="lesson numbers (default: all)")
     c = sub.add_parser("check", help="grade a lesson (or all) in a folder")
     c.add_argument("lesson", help="the lesson's number, or all")
     c.add_argument("--dir", type=path_text, help="the folder to grade (default: ~/aligner-lessons/lesson-N)")
@@ -126,6 +177,12 @@ def main(argv=None):
         run_main(run_lab, args.name, args.steps, args.prompts, args.seeds)
     elif args.cmd == "start":
         run_main(start, args.lesson, args.dir, args.force)
+    elif args.cmd == "hint":
+        run_main(hint, args.lesson, args.level)
+    elif args.cmd == "solution":
+        run_main(solution, args.lesson, args.dir, args.teacher)
+    elif args.cmd == "catalog":
+        sys.exit(run_main(catalog, args.lessons))
     else:
         sys.exit(run_main(check, args.lesson, args.dir))
 

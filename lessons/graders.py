@@ -1,10 +1,14 @@
-"""The graders: each checks one part of a student's copy of the primer against an independent
+"""The graders: each checks one property of a student's copy of the primer against an independent
 reference (transformers, PEFT, torch's own attention, the official released Aligner files, the
-formulas written out) and says pass, or the measured difference and where to look.
+formulas written out) and says pass, or the measured difference and the mistake it points at.
 
     python lessons/graders.py STUDENT_DIR GRADER [GRADER ...]    (lessons.py check runs this)
     python lessons/graders.py --each DIR=GRADER,GRADER DIR=...   (many folders, one process: tests)
 
+A lesson's graders run in the order lessons/catalog.py lists them, one property at a time (K = H
+before K < H, one token before three, each row of a batch, without a cache before with one, float32
+before bfloat16, one backward before an optimizer step), so the first FAIL names one cause; where a
+known mistake (lessons/mistakes.py) explains the measured difference, the message names it.
 It runs with STUDENT_DIR first on the import path, so `import model` is the student's model.py.
 Each grader returns (passed, what was measured); a NotImplementedError is "not written yet".
 Not run on its own but by lessons.py. Read next: the lesson pages (lessons/1-attention.md ...).
@@ -102,35 +106,161 @@ def verdict(d: float, what: str, hint: str, limit: float):
     return False, f"max |{what} diff| {d:.3g}, expected <= {limit:.2g}: {hint}"
 
 
-# ---- lesson 1 -----------------------------------------------------------------------------------------
-@torch.no_grad()
-def attention_equals_sdpa():
-    """One attention layer against torch's own scaled_dot_product_attention (causal, grouped-query)."""
+def explains(hint: str):
+    """A grader whose student code may raise (a shape or dtype that does not fit): the error, where it
+    was raised, and `hint`, the property this grader isolates, instead of a bare traceback."""
+    def wrap(grader):
+        @functools.wraps(grader)
+        def run():
+            try:
+                return grader()
+            except NotImplementedError:
+                raise
+            except Exception as e:  # the student's code may fail in any way: say where, and what to look at
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                at = f"{Path(where.filename).name}:{where.lineno}"
+                return False, f"{type(e).__name__}: {e} (at {at}): {hint}"
+        return run
+    return wrap
+
+
+def first_known(got, limit, known) -> str:
+    """The message of the first known mistake, (make its output, message), whose output is `got`."""
+    for make, message in known:
+        if diff(got, make()) <= limit:
+            return message
+    return ""
+
+
+SMALL = dict(dim=64, n_layers=4, n_heads=4, vocab_size=320, hidden_dim=96, max_seq_len=64)
+
+
+def random_model(kv_heads=2, seed=0, dtype=torch.float32):
+    """The student's Transformer with random weights (no file, no reference library): 4 layers, 4 query
+    heads, `kv_heads` key/value heads; attention weights large enough that every softmax is sharp."""
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(n_kv_heads=kv_heads, **SMALL))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.25 if ".attention." in name else 0.08)
+    return model.to(dtype).requires_grad_(False).eval()
+
+
+def layer_run(layer, x, prefix=None):
+    """(the student's attention layer on x (B, T, D) from position 0 with the causal mask forward
+    passes it, the rope it used)."""
     import model as m
 
-    _, ours = tiny_pair()
-    layer, e = ours.layers[0].attention, ours.args.head_dim
-    x = torch.randn(2, 9, ours.args.dim)  # (B, T, D)
-    pos = torch.arange(9)
-    cos_sin = m.rope(pos.expand(2, 9), e, ours.args.rope_theta)
-    mask = torch.zeros(9, 9).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))  # (T, S)
-    got = layer(x, pos, cos_sin, mask.expand(2, 1, 1, 9, 9))  # (B, T, D)
-    q = m.apply_rope(layer.wq(x).view(2, 9, -1, e), *cos_sin).transpose(1, 2)  # (B, H, T, E)
-    k = m.apply_rope(layer.wk(x).view(2, 9, -1, e), *cos_sin).transpose(1, 2)  # (B, K, T, E)
-    v = layer.wv(x).view(2, 9, -1, e).transpose(1, 2)  # (B, K, T, E)
+    b, t, _ = x.shape
+    pos = torch.arange(t)
+    cos_sin = m.rope(pos.expand(b, t), layer.head_dim, 10000.0)  # (B, T, 1, E) each
+    mask = torch.zeros(t, t).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))  # (T, S)
+    return layer(x, pos, cos_sin, mask.expand(b, 1, 1, t, t), prefix), cos_sin  # (B, T, D)
 
-    def reference(**options):
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **options)  # (B, H, T, E)
-        return layer.wo(y.transpose(1, 2).flatten(2))  # (B, T, D)
 
-    want = reference(is_causal=True)
-    d, limit = diff(got, want), tol(want)
-    if d > limit and diff(got, reference(is_causal=True, scale=1.0)) < limit:
-        return False, f"max |output diff| {d:.3g}: look at the scale of the scores (divide by sqrt(E))"
-    if d > limit and diff(got, reference(is_causal=False)) < limit:
-        return False, f"max |output diff| {d:.3g}: every query sees every key; add the mask to the scores"
-    return verdict(d, "output", "check the einsum subscripts against the legend, the softmax axis (the keys, "
-                               "s) and which key/value head each query head reads (h = k * g + group)", limit)
+def heads(layer, x, cos_sin):
+    """q (B, H, T, E), and k, v repeated to the query heads that read them (B, H, T, E): grouped-query
+    order h = kv head * g + group, written out with repeat_interleave."""
+    import model as m
+
+    b, t, _ = x.shape
+    h, kv, e = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    q = m.apply_rope(layer.wq(x).view(b, t, h, e), *cos_sin).transpose(1, 2)  # (B, H, T, E)
+    k = m.apply_rope(layer.wk(x).view(b, t, kv, e), *cos_sin).transpose(1, 2)  # (B, K, T, E)
+    v = layer.wv(x).view(b, t, kv, e).transpose(1, 2)  # (B, K, T, E)
+    return q, k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1)  # (B, H, T, E) each
+
+
+def causal_y(q, k, v, scale=None, masked=True, axis=-1):
+    """softmax(q k^T * scale + mask) v before wo, (B, T, H * E); the options write known mistakes."""
+    t = q.shape[2]
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, T, S)
+    if masked:
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))  # (B, H, T, S)
+    return (s.softmax(axis) @ v).transpose(1, 2).flatten(2)  # (B, T, H * E)
+
+
+def attention_check(kv_heads: int, label: str, hint: str):
+    """One layer of the student's attention, 2 rows of 9 positions, against the softmax written out;
+    on a difference, the known mistake it matches, or `hint`."""
+    layer = random_model(kv_heads).layers[0].attention
+    x = torch.randn(2, 9, SMALL["dim"], generator=torch.Generator().manual_seed(1))  # (B, T, D)
+    got, cos_sin = layer_run(layer, x)  # (B, T, D)
+    q, k, v = heads(layer, x, cos_sin)
+    want = layer.wo(causal_y(q, k, v))  # (B, T, D)
+    d, limit, e = diff(got, want), tol(want), layer.head_dim
+    if d <= limit:
+        return True, f"{label}: max |output diff| {d:.1e} (tolerance {limit:.1e})"
+    if not torch.isfinite(got).all():
+        return False, (f"{label}: the output holds inf or NaN: the mask's -inf is added to the scores before "
+                       f"the softmax (which turns it into a weight of 0), never after")
+    known = [(lambda: layer.wo(causal_y(q, k, v, scale=1.0)), "the scores are not scaled: divide q . k by "
+                                                              "sqrt(E)"),
+             (lambda: layer.wo(causal_y(q, k, v, scale=1 / e)), "the scores are divided by E: by sqrt(E)"),
+             (lambda: layer.wo(causal_y(q, k, v, scale=layer.n_heads ** -0.5)),
+              "the scores are divided by sqrt(H), the number of heads: by sqrt(E), the head width"),
+             (lambda: layer.wo(causal_y(q, k, v, masked=False)),
+              "every query sees every key: add the mask (0 or -inf) to the scores"),
+             (lambda: layer.wo(causal_y(q, k, v, axis=-2)),
+              "the softmax runs over the queries t: it runs over the keys s, the last axis of (b, k, g, t, "
+              "s)"),
+             (lambda: layer.wo(causal_y(q, k, k)), "the weights multiply the keys: y = att . v, the values")]
+    why = first_known(got, limit, known) or hint
+    return False, f"{label}: max |output diff| {d:.3g}, expected <= {limit:.2g}: {why}"
+
+
+# ---- lesson 1 -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def attention_equal_heads():
+    """One attention layer with as many key/value heads as query heads (K = H = 4): the scores, the
+    mask, the softmax and the values, before grouped-query heads come in."""
+    return attention_check(4, "K = H", "check the einsum subscripts against the legend: scores (b, k, g, t, "
+                                       "s) "
+                                       "from q (b, t, k, g, e) and k (b, s, k, e), y (b, t, k, g, e)")
+
+
+@torch.no_grad()
+def attention_grouped_query():
+    """The same with grouped-query heads (K = 2 < H = 4): which key/value head each query head reads."""
+    return attention_check(2, "K < H", "K = H passes and K = 2 < H = 4 does not: query head h = k * g + "
+                                       "group "
+                                       "reads key/value head k; y (b, t, k, g, e) flattens back in that "
+                                       "order")
+
+
+CAUSAL_CACHE = ("the whole sequence at once passes; one token at a time through the KV cache does not: "
+                "there are "
+                "s > t keys, every cached column, and the mask passed in (b, 1, 1, t, s) hides those not "
+                "written "
+                "yet: use it, not a mask built from t")
+
+
+@torch.no_grad()
+@explains(CAUSAL_CACHE)
+def attention_with_cache():
+    """The model decoding one token at a time through the KV cache (t = 1 query, s keys) against the
+    whole sequence at once (K < H, no Aligner)."""
+    cached, full = REFERENCES.cached_and_full(random_model(2), ids(1, 12)[0].tolist())  # (T, vocab) each
+    return verdict(diff(cached, full), "logit (cached against full)", CAUSAL_CACHE, tol(full))
+
+
+def bf16_limit(want, depth=DEPTH) -> float:
+    """bfloat16 against float32: a few roundings of bfloat16 in each of `depth` stages (a check that it
+    runs in the model's dtype and does not drift, not of the formula: float32 did that)."""
+    return TOLERANCE.tolerance(torch.bfloat16, want.abs().max().item(), 4, depth)
+
+
+@torch.no_grad()
+@explains("in a bfloat16 model every tensor stays in the model's dtype: the softmax runs in float32 "
+          "(.float()) and its weights go back with .type_as(xq) before the product with the values")
+def attention_in_bfloat16():
+    """The model in bfloat16 (as on a GPU) runs and gives bfloat16 logits near float32's."""
+    x = ids()
+    want, got = random_model(2)(x), random_model(2, dtype=torch.bfloat16)(x)  # (B, T, vocab) each
+    return verdict(diff(got, want), "logit, bfloat16 against float32", "in bfloat16 the softmax still runs "
+                   "in float32 and comes back with .type_as(xq)", bf16_limit(want))
 
 
 @torch.no_grad()
@@ -149,6 +279,113 @@ def logits_equal_transformers():
 
 
 # ---- lesson 2 -----------------------------------------------------------------------------------------
+def rotated(x, pos, theta: float, exponent=2, sign=1, inv_freq=None):
+    """x (1, T, heads, E) with each pair (x0, x1) = (x[2i], x[2i+1]) turned by pos * theta^(-exponent i/E):
+    (x0 cos - x1 sin, x1 cos + x0 sin), written out (sign -1: the other way)."""
+    e = x.shape[-1]
+    if inv_freq is None:
+        inv_freq = theta ** (-exponent * torch.arange(e // 2).float() / e)  # (E/2,)
+    angle = (pos[0, :, None].float() * inv_freq)[None, :, None]  # (1, T, 1, E/2)
+    c, s = angle.cos(), sign * angle.sin()
+    x0, x1 = x[..., 0::2], x[..., 1::2]  # (1, T, heads, E/2) each
+    return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), -1).flatten(-2)  # (1, T, heads, E)
+
+
+@torch.no_grad()
+@explains("rope(pos (B, T), E, theta) returns cos and signed sin, (B, T, 1, E) each, fp32")
+def rope_rotates_pairs():
+    """apply_rope with the student's rope turns each pair (x0, x1) by pos * theta^(-2i/E), E = 16."""
+    import model as m
+
+    pos, theta = torch.arange(11)[None], 10000.0  # (1, T)
+    cos, sin = m.rope(pos, 16, theta)
+    if tuple(cos.shape) != (1, 11, 1, 16) or tuple(sin.shape) != (1, 11, 1, 16):
+        return False, (f"rope gave {tuple(cos.shape)} and {tuple(sin.shape)}: cos and sin are (B, T, 1, E) "
+                       f"each")
+    x = torch.randn(1, 11, 2, 16, generator=torch.Generator().manual_seed(0))  # (1, T, heads, E)
+    got, want = m.apply_rope(x, cos, sin), rotated(x, pos, theta)  # (1, T, heads, E) each
+    d, limit = diff(got, want), tol(want, 2, 2)
+    if d <= limit:
+        return True, f"max |rotated diff| {d:.1e} (tolerance {limit:.1e})"
+    if not torch.equal(cos[..., 0::2], cos[..., 1::2]):
+        return False, (f"max |rotated diff| {d:.3g}: cos does not repeat each angle in place: Meta's pairs "
+                       "are "
+                       "neighbours (x[2i], x[2i+1]), so cos is [c0, c0, c1, c1, ...] (repeat_interleave(2, "
+                       "-1)), "
+                       f"not two halves [c0, c1, ..., c0, c1, ...]")
+    known = [(lambda: rotated(x, pos, theta, sign=-1), "the pairs turn the wrong way: x0's slot of sin is "
+                                                       "-sin, "
+              "x1's +sin, so that (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)"),
+             (lambda: rotated(x, pos, theta, exponent=1), "the frequencies: pair i turns at theta^(-2i/E), "
+              "i = 0 .. E/2 - 1 (arange(0, E, 2) / E), not theta^(-i/E)")]
+    return False, (f"max |rotated diff| {d:.3g}, expected <= {limit:.2g}: "
+                   f"{first_known(got, limit, known) or 'cos, sin of pos * theta^(-2i/E), one per pair'}")
+
+
+@torch.no_grad()
+@explains("with `args` whose rope_factor is not 1, inv_freq goes through scaled_frequencies(inv_freq, args)")
+def rope_scales_long_context():
+    """With args whose rope_factor is 8 (LLaMA-3.1's long context), the frequencies come from
+    scaled_frequencies (already written): the angles are not those of rope_factor 1."""
+    import model as m
+
+    args = m.ModelArgs(dim=64, n_heads=4, rope_factor=8.0, rope_original_context=64)  # E = 16
+    pos, theta = torch.arange(0, 200, 7)[None], 10000.0  # (1, T)
+    x = torch.randn(1, pos.shape[1], 2, 16, generator=torch.Generator().manual_seed(0))  # (1, T, heads, E)
+    inv_freq = m.scaled_frequencies(theta ** -(torch.arange(0, 16, 2).float() / 16), args)  # (E/2,)
+    got, want = m.apply_rope(x, *m.rope(pos, 16, theta, args)), rotated(x, pos, theta, inv_freq=inv_freq)
+    d, limit = diff(got, want), tol(want, 2, 2)
+    if d > limit and diff(got, rotated(x, pos, theta)) <= limit:
+        return False, (f"max |rotated diff| {d:.3g}: with rope_factor 8 the angles are those of rope_factor "
+                       "1: "
+                       f"pass inv_freq through scaled_frequencies(inv_freq, args) when args.rope_factor != 1")
+    return verdict(d, "rotated", "with args, the angles are pos * scaled_frequencies(theta^(-2i/E), args)",
+                   limit)
+
+
+def cache_writes(m):
+    """(what update returned at each call, what it should have): 3 tokens at columns 0-2, one at 3,
+    then rows at their own columns (pos (B, T)), then one row of a 2-row cache."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c, one = (torch.randn(shape, generator=g) for shape in [(2, 3, 2, 4), (2, 1, 2, 4), (2, 2, 2, 4),
+                                                                    (1, 1, 2, 4)])
+    cache, rows_cache = m.KVCache(2, 8, 2, 4, torch.float32, "cpu"), m.KVCache(2, 8, 2, 4, torch.float32,
+                                                                               "cpu")
+    want = [torch.zeros(2, 8, 2, 4) for _ in range(4)]  # (B, S, K, E) each
+    want[0][:, :3] = a
+    want[1][:, :3], want[1][:, 3:4] = a, b
+    want[2][0, 2:4], want[2][1, 5:7] = c[0], c[1]
+    want[3] = want[1][:1].clone()
+    want[3][0, 4] = one[0, 0]
+    got = [cache.update(torch.arange(3), a, a)[0].clone(), cache.update(torch.tensor([3]), b, b)[0].clone(),
+           rows_cache.update(torch.tensor([[2, 3], [5, 6]]), c, c)[0].clone()]
+    return got + [cache.update(torch.tensor([4]), one, one)[0]], want
+
+
+@torch.no_grad()
+@explains("update(pos, xk, xv) writes xk, xv (B, T, K, E) into the buffers at columns pos and returns the "
+          "first B rows of every column, (B, S, K, E)")
+def kv_cache_keeps_every_column():
+    """KVCache.update on its own: what it returns after prefill, after a step, with each row at its own
+    columns (pos (B, T): left-padded rows), and for a batch smaller than the buffers."""
+    import model as m
+
+    got, want = cache_writes(m)
+    what = ["3 tokens written at columns 0-2", "then 1 token at column 3",
+            "rows at their own columns (pos [[2, 3], [5, 6]], (B, T))", "then 1 row of the 2-row cache at "
+                                                                        "column 4"]
+    for step, (g, w) in enumerate(zip(got, want)):
+        if tuple(g.shape) != tuple(w.shape):
+            return False, (f"after {what[step]}: update returned keys {tuple(g.shape)}, expected "
+                           f"{tuple(w.shape)}: every column S of the first B rows (the mask hides columns "
+                           "not "
+                           f"written yet)")
+        if not torch.equal(g, w):
+            return False, (f"after {what[step]}: the returned keys are not the ones written there: write at "
+                           f"columns pos (row r at pos[r] when pos is (B, T)) and keep the earlier columns")
+    return True, "prefill, one step, rows at their own columns, a smaller batch: every column as written"
+
+
 @torch.no_grad()
 def cached_decoding_equals_recomputation():
     """Decoding with the KV cache, one token at a time, against recomputing the whole sequence, and
@@ -183,21 +420,149 @@ def zero_gates_add_nothing():
     d = diff(with_it, without)
     if d != 0:
         return False, (f"max |logit diff| {d:.3g} with zero gates, expected exactly 0: the gate multiplies "
-                       f"the prefix attention's output (after its softmax), not the scores inside it")
+                       f"the prefix attention's output py (after its softmax): not the scores inside it, and "
+                       f"not left out")
     return True, "zero gates: exactly the base model"
 
 
-def rope_calls(ours, a, x) -> int:
-    """How often the student's forward calls apply_rope: q and k, twice a layer, when the prefix gets none."""
+def rope_calls(run) -> int:
+    """How often run() (the student's forward) calls apply_rope: q and k, twice a layer, when the
+    prefix gets none."""
     import model as m
 
     calls, original = [], m.apply_rope
-    m.apply_rope = lambda *args: calls.append(1) or original(*args)
+    m.apply_rope = lambda *a: calls.append(1) or original(*a)
     try:
-        ours(x, a)
+        run()
     finally:
         m.apply_rope = original
     return len(calls)
+
+
+def prefix_y(layer, q, tokens, gates, scale=None, axis=-1, values=True):
+    """gate[h] * softmax(q . pk / sqrt(E)) pv, the prefix's part before wo, (B, T, H * E), written out with
+    the key/value heads repeated: tokens (B or 1, N, D), gates (B or 1, H), q (B, H, T, E)."""
+    b, h, kv, e = q.shape[0], layer.n_heads, layer.n_kv_heads, layer.head_dim
+    tokens, gates = tokens.expand(b, *tokens.shape[1:]), gates.expand(b, h)  # (B, N, D), (B, H)
+    pk = layer.wk(tokens).view(b, -1, kv, e).transpose(1, 2).repeat_interleave(h // kv, 1)  # (B, H, N, E)
+    pv = layer.wv(tokens).view(b, -1, kv, e).transpose(1, 2).repeat_interleave(h // kv, 1)  # (B, H, N, E)
+    att = (q @ pk.transpose(-1, -2) * (e ** -0.5 if scale is None else scale)).softmax(axis)  # (B, H, T, N)
+    return (gates[:, :, None, None] * (att @ (pv if values else pk))).transpose(1,
+                                                                                2).flatten(2)  # (B, T, H*E)
+
+
+def prefix_inputs(kv_heads: int, n: int, rows: int, dtype=torch.float32):
+    """(a layer of the student's model, x (2, 9, D), tokens (rows, n, D), gates (rows, H)): rows = 1 is
+    one Aligner for the batch, 2 one per row; the gates non-zero (zero would switch the prefix off)."""
+    g = torch.Generator().manual_seed(2)
+    layer = random_model(kv_heads, dtype=dtype).layers[0].attention
+    x = torch.randn(2, 9, SMALL["dim"], generator=g).to(dtype)  # (B, T, D)
+    tokens = torch.randn(rows, n, SMALL["dim"], generator=g)  # (rows, N, D)
+    return layer, x, tokens, torch.randn(rows, SMALL["n_heads"], generator=g)  # gates (rows, H)
+
+
+def prefix_check(kv_heads: int, n: int, rows: int, label: str, hint: str):
+    """One layer with an Aligner prefix against the formula written out; on a difference, the known
+    mistake it matches, the rows that differ, or `hint`."""
+    layer, x, tokens, gates = prefix_inputs(kv_heads, n, rows)
+    prefix = (tokens[0], gates[0]) if rows == 1 else (tokens, gates)  # (N, D), (H,) or (B, N, D), (B, H)
+    got, cos_sin = layer_run(layer, x, prefix)  # (B, T, D)
+    q, k, v = heads(layer, x, cos_sin)
+    base = causal_y(q, k, v)  # (B, T, H * E)
+    want = layer.wo(base + prefix_y(layer, q, tokens, gates))  # (B, T, D)
+    d, limit = diff(got, want), tol(want)
+    if d <= limit:
+        return True, f"{label}: max |output diff| {d:.1e} (tolerance {limit:.1e})"
+    rows_off = [r for r in range(2) if diff(got[r], want[r]) > limit]
+    if rows > 1 and len(rows_off) == 1:
+        hint = (f"row {1 - rows_off[0]} agrees and row {rows_off[0]} does not: with one Aligner per row, "
+                "prefix "
+                f"is (b, n, D) and (b, h), and each row uses its own tokens and gates")
+    if rope_calls(lambda: layer_run(layer, x, prefix)) > 2:
+        return False, (f"{label}: max |output diff| {d:.3g}: the prefix keys get RoPE; the prefix has no "
+                       f"position")
+    known = [(lambda: layer.wo(base + prefix_y(layer, q, tokens, gates, axis=-2)),
+              "the prefix softmax runs over the queries t: it runs over the n tokens, the last axis of (b, "
+              "k, g, t, n)"),
+             (lambda: layer.wo(base + prefix_y(layer, q, tokens, gates, scale=1.0)),
+              "the prefix scores are not scaled: q . pk / sqrt(E), as the causal scores"),
+             (lambda: layer.wo(base + prefix_y(layer, q, tokens, gates, values=False)),
+              "the prefix weights multiply pk: py = p_att . pv, the values"),
+             (lambda: layer.wo(base + prefix_y(layer, q, tokens, gates * 0 + 1)),
+              "the gate is left out: y + gate[h] * py, the gate of head h")]
+    why = first_known(got, limit, known) or hint
+    return False, f"{label}: max |output diff| {d:.3g}, expected <= {limit:.2g}: {why}"
+
+
+@torch.no_grad()
+def prefix_one_token():
+    """One Aligner token (N = 1), K = H, one Aligner for the batch: the prefix's softmax is over a single
+    token (its weight is 1), so this isolates what it weighs: the values, the gate, where it is added."""
+    return prefix_check(4, 1, 1, "N = 1, K = H", "with one token a softmax of its own gives it weight 1 for "
+                                                 "every "
+                        "query: y + gate[h] * pv (the values wv(P) of head h's key/value head), added "
+                        "before wo; "
+                        "the prefix is not joined to the causal keys' softmax")
+
+
+@torch.no_grad()
+def prefix_several_tokens():
+    """Three Aligner tokens (N = 3), K = H: now the prefix scores matter."""
+    return prefix_check(4, 3, 1, "N = 3, K = H", "N = 1 passes and N = 3 does not, so look at the scores of "
+                                                 "the "
+                        "n tokens: q . pk / sqrt(e), pk = wk(P) without RoPE, a softmax of their own over n")
+
+
+@torch.no_grad()
+def prefix_grouped_query():
+    """N = 3 with grouped-query heads (K = 2 < H = 4): which gate and which pk, pv each query head gets."""
+    return prefix_check(2, 3, 1, "N = 3, K < H", "K = H passes and K = 2 < H = 4 does not: query head h = k "
+                                                 "* g + "
+                        "group reads pk, pv of key/value head k, and its gate is gate[h]: gate (h,) viewed "
+                        "as (k, g)")
+
+
+@torch.no_grad()
+def prefix_per_row():
+    """A batch whose two rows have different Aligners (prefix (b, n, D) and (b, h), as AlignerBatch and
+    serving pass it), each row checked on its own."""
+    return prefix_check(2, 3, 2, "one Aligner per row", "expand pk, pv to (b, n, k, e) and the gate to (b, "
+                                                        "h): "
+                        "a shared prefix and one per row then take the same code path")
+
+
+PREFIX_CACHE = ("the whole sequence passes and decoding through the KV cache does not: with a cache, pk and "
+                "pv come "
+                "from cache.aligner_kv (new_cache computed them once), and the prefix is added at every step")
+
+
+@torch.no_grad()
+@explains(PREFIX_CACHE)
+def prefix_with_cache():
+    """Decoding with an Aligner (N = 3, K < H) one token at a time through the KV cache against the whole
+    sequence at once: what generate.py and serving run."""
+    model = random_model(2)
+    a = nonzero_aligner(model.args, 3)
+    cached, full = REFERENCES.cached_and_full(model, ids(1, 12)[0].tolist(), a)  # (T, vocab) each
+    return verdict(diff(cached, full), "logit (cached against full)", PREFIX_CACHE, tol(full))
+
+
+@torch.no_grad()
+@explains("in a bfloat16 model the Aligner stays float32 (it trains): its tokens go to the model's dtype "
+          "(prefix_kv does it), the gate with .to(y.dtype), the prefix softmax's weights with .type_as(xq)")
+def prefix_in_bfloat16():
+    """The layer in bfloat16 with a float32 Aligner (tokens, gates), as generate.py runs it on a GPU:
+    bfloat16 out, near float32's."""
+    layer, x, tokens, gates = prefix_inputs(2, 3, 1)
+    half = random_model(2, dtype=torch.bfloat16).layers[0].attention
+    want, _ = layer_run(layer, x, (tokens[0], gates[0]))  # (B, T, D)
+    got, _ = layer_run(half, x.bfloat16(), (tokens[0], gates[0]))  # (B, T, D)
+    if got.dtype != torch.bfloat16:
+        return False, (f"the output is {got.dtype} in a bfloat16 model: bring the gate to y's dtype "
+                       f"(.to(y.dtype))")
+    return verdict(diff(got, want), "output, bfloat16 against float32", "the prefix path in bfloat16: the "
+                                                                        "softmax "
+                   "in float32, back with .type_as(xq)", bf16_limit(want, 2))
 
 
 @torch.no_grad()
@@ -211,7 +576,7 @@ def aligner_equals_peft():
         want, _ = REFERENCES.peft_logits(hf, a, x)  # (B, T, vocab)
         d, limit = diff(ours(x, a), want), tol(want)
         results.append(d)
-        if d > limit and rope_calls(ours, a, x) > 2 * ours.args.n_layers:
+        if d > limit and rope_calls(lambda: ours(x, a)) > 2 * ours.args.n_layers:
             return False, (f"N={n}: max |logit diff| {d:.3g}: the prefix keys get RoPE; "
                            f"the prefix has no position")
         if d > limit:
@@ -219,6 +584,89 @@ def aligner_equals_peft():
                            f"wk(P), wv(P) per key/value head, a softmax of their own over the N tokens (not "
                            f"joined to the causal one), and the gate of head h (h = k * g + group)")
     return True, f"N=1 and N=3: max |logit diff| {max(results):.1e} against PEFT"
+
+
+def parameter_shapes(a) -> str:
+    return ", ".join(f"{name} {tuple(p.shape)}" for name, p in a.named_parameters())
+
+
+def aligner_parameters():
+    """What an Aligner holds: LLaMA-2-7B's sizes give the paper's 5,056 (one token) and 41,920 (ten)
+    parameters; per_layer=True gives (L - s, N, D) tokens; gates start at zero, tokens N(0, 1); all train."""
+    from aligner import Aligner
+    from model import ModelArgs
+
+    torch.manual_seed(0)
+    for n, count in ((1, 5056), (10, 41920)):
+        a = Aligner(ModelArgs(), n)  # LLaMA-2-7B: D 4096, 32 layers, 32 heads, start layer 2
+        if a.n_params() != count:
+            return False, (f"{n} token(s) on LLaMA-2-7B: {a.n_params():,} parameters "
+                           f"({parameter_shapes(a)}), the "
+                           f"paper says {count:,}: tokens (N, D) = ({n}, 4096) and gates (L - s, H) = (30, "
+                           "32)")
+    per = Aligner(ModelArgs(dim=64, n_layers=6, n_heads=4), 3, start_layer=2, per_layer=True)
+    if dict((k, tuple(p.shape)) for k, p in per.named_parameters()) != {"tokens": (4, 3, 64), "gates": (4,
+                                                                                                        4)}:
+        return False, ("per_layer=True on 6 layers from layer 2, 3 tokens, D 64, 4 heads: "
+                       f"{parameter_shapes(per)}, "
+                       f"expected tokens (L - s, N, D) = (4, 3, 64) and gates (L - s, H) = (4, 4)")
+    if a.gates.abs().sum() != 0:
+        return False, ("the gates must start at zero: a new Aligner is exactly the base model, and "
+                       "learns how much to listen")
+    std, mean = a.tokens.std().item(), a.tokens.mean().item()
+    if not 0.95 < std < 1.05 or abs(mean) > 0.05:
+        return False, (f"the tokens start with mean {mean:.3g} and std {std:.3g}: N(0, 1) (as "
+                       "nn.Embedding): with "
+                       f"zero gates, tokens that say nothing (zero, or tiny) get no gradient to grow from")
+    frozen = [name for name, p in a.named_parameters() if not p.requires_grad]
+    if frozen:
+        return False, f"{', '.join(frozen)} do(es) not require a gradient: everything in an Aligner trains"
+    return True, "5,056 and 41,920 parameters on LLaMA-2-7B; per-layer shapes; zero gates, N(0, 1) tokens"
+
+
+def prefix_fault(a, layer: int, per_layer: bool) -> str:
+    """What is wrong with a.prefix(layer), or ""."""
+    p, s = a.prefix(layer), a.start_layer
+    if layer < s:
+        return "" if p is None else f"prefix({layer}) is not None: no prefix below start_layer ({s})"
+    if p is None:
+        return f"prefix({layer}) is None: the first gated layer is start_layer ({s}) itself (layer >= s)"
+    tokens, gate = p
+    i = layer - s
+    want = a.tokens[i] if per_layer else a.tokens  # (N, D)
+    if tuple(tokens.shape) != tuple(want.shape) or not torch.equal(tokens, want):
+        return (f"{'per_layer=True' if per_layer else 'shared tokens'}: prefix({layer}) gives tokens "
+                f"{tuple(tokens.shape)}, expected (N, D) = {tuple(want.shape)}: " +
+                ("tokens[layer - start_layer]" if per_layer else "the shared tokens, the same in every "
+                                                                 "layer"))
+    if torch.equal(gate, torch.tanh(a.gates[i])):
+        return f"prefix({layer}) gives tanh of the gate: the Aligner uses its gates raw"
+    if not torch.equal(gate, a.gates[i]):
+        row = next((j for j in range(len(a.gates)) if torch.equal(gate, a.gates[j])), None)
+        return (f"prefix({layer}) gives gates[{row}], expected gates[{i}]: the row of layer l is l - "
+                "start_layer"
+                if row is not None else f"prefix({layer}) gives a gate that is not a row of gates: gates[l "
+                                        "- s] as stored")
+    return ""
+
+
+@torch.no_grad()
+@explains("prefix(layer) is None below start_layer, else (tokens, gates[layer - start_layer]), with "
+          "per_layer: tokens[layer - start_layer]")
+def aligner_prefix():
+    """prefix(layer) for every layer of a 6-layer model from layer 2: None below, then the tokens (shared,
+    or the layer's own with per_layer=True) and the layer's row of gates, as stored."""
+    from aligner import Aligner
+    from model import ModelArgs
+
+    for per_layer in (False, True):
+        torch.manual_seed(0)
+        a = Aligner(ModelArgs(dim=64, n_layers=6, n_heads=4), 3, start_layer=2, per_layer=per_layer)
+        a.gates.normal_()
+        fault = next((f for f in (prefix_fault(a, layer, per_layer) for layer in range(6)) if f), "")
+        if fault:
+            return False, fault
+    return True, "None below start_layer; the tokens (shared, or per layer) and gates[l - s] from it on"
 
 
 def official_files_load_and_run():
@@ -248,6 +696,7 @@ def official_files_load_and_run():
     return True, f"official files: {', '.join(seen) or 'none beside the checkout'}; per-layer count right"
 
 
+
 # ---- lesson 5 -----------------------------------------------------------------------------------------
 def batch_of(n=4, t=12, padding=True):
     from data import IGNORE, Batch
@@ -260,37 +709,107 @@ def batch_of(n=4, t=12, padding=True):
     return Batch(x, labels)
 
 
-def loss_equals_full_logits():
-    """sft_loss against the cross-entropy of the full logits (prompt and padding ignored), value and
-    gradient."""
+def full_loss(ours, a, batch):
+    """The reference: cross-entropy of the full logits against the labels one position on, prompt and
+    padding ignored (one mean over every labelled token of the batch)."""
     from data import IGNORE
+
+    full = ours(batch.ids[:, :-1], a)  # (B, T-1, vocab)
+    return F.cross_entropy(full.flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def loss_fault(ours, a, batch, got: float, limit: float) -> str:
+    """The known mistake whose loss is `got`, or ""."""
+    from data import IGNORE
+
+    want, labels, x = full_loss(ours, a, batch).item(), batch.labels, batch.ids
+    kept = labels[:, 1:] != IGNORE  # (B, T-1)
+    per_token = F.cross_entropy(ours(x[:, :-1], a).transpose(1, 2), labels[:, 1:], ignore_index=IGNORE,
+                                reduction="none")  # (B, T-1)
+    known = [(want * kept.sum().item(), "the loss is the sum over the labelled tokens: it is their mean"),
+             (want * kept.sum().item() / kept.numel(), "the sum is divided by every position, prompt and "
+                                                       "padding "
+              "too: the loss is the mean over the labelled tokens only"),
+             ((per_token.sum(1) / kept.sum(1)).mean().item(), "a mean of each row's mean: one mean over all "
+                                                              "the "
+              "batch's labelled tokens, so a row with more response tokens weighs more"),
+             (F.cross_entropy(ours(x, a).flatten(0, 1), labels.flatten(), ignore_index=IGNORE).item(),
+              "no shift: the logits at t predict the token at t + 1, so ids[:, :-1] pair with labels[:, 1:]"),
+             (F.cross_entropy(ours(x[:, 1:], a).flatten(0, 1), labels[:, 1:].flatten(),
+                              ignore_index=IGNORE).item(),
+              "the model reads the token it is to predict: it reads ids[:, :-1], scored against labels[:, "
+              "1:]"),
+             (full_loss(ours, None, batch).item(), "the loss is the base model's: pass the Aligner to the "
+                                                   "model")]
+    return next((why for value, why in known if abs(got - value) <= limit), "")
+
+
+def loss_check(padding: bool, label: str, hint: str):
+    from train import sft_loss
+
+    _, ours = tiny_pair()
+    a, batch = nonzero_aligner(ours.args, 2), batch_of(padding=padding)
+    with torch.no_grad():
+        got, want = sft_loss(ours, a, batch)[0].item(), full_loss(ours, a, batch)
+    d, limit = abs(got - want.item()), tol(want, 320, 2)  # the output projection's and the loss's sums
+    if d <= limit:
+        return True, f"{label}: |loss diff| {d:.1e} (tolerance {limit:.1e})"
+    with torch.no_grad():
+        why = loss_fault(ours, a, batch, got, limit) or hint
+    return False, f"{label}: loss {got:.6g}, expected {want.item():.6g}: {why}"
+
+
+def loss_without_padding():
+    """sft_loss's value on 4 rows with as many labelled tokens each (the prompt ignored, no padding)
+    against the cross-entropy of the full logits."""
+    return loss_check(False, "no padding", "the cross-entropy of the logits at t against the labels at t + "
+                                           "1, "
+                      "over the labelled positions only")
+
+
+def loss_with_padding():
+    """The same with a padded row (fewer labelled tokens than the others)."""
+    return loss_check(True, "a padded row", "without padding it agrees and with a padded row it does not: "
+                                            "one "
+                      "mean over every labelled token of the batch, padding and prompt left out")
+
+
+@explains("after one backward the Aligner's gradients are those of the mean cross-entropy: the loss comes "
+          "from the model's logits with the Aligner passed in, nothing detached or computed without grad")
+def loss_gradient():
+    """One backward of sft_loss: the Aligner's gradients (gates and tokens) against those of the
+    cross-entropy of the full logits."""
     from train import sft_loss
 
     _, ours = tiny_pair()
     a, batch = nonzero_aligner(ours.args, 2), batch_of()
-    loss, _ = sft_loss(ours, a, batch)
-    loss.backward()
-    grad, a.gates.grad = a.gates.grad.clone(), None
-    full = ours(batch.ids[:, :-1], a)  # (B, T-1, vocab)
-    want = F.cross_entropy(full.flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=IGNORE)
-    want.backward()
-    # the loss: another order of the output projection's and the loss's sums; the gradient: of every
-    # layer's backward sums, over all the batch's positions
-    d = max(diff(loss, want) / tol(want, 320, 2), diff(grad, a.gates.grad) / tol(grad, 320, 2 * DEPTH))
-    return verdict(d, "loss or gradient (in tolerances)",
-                   "the logits at t predict the token at t+1, and only labelled positions count", 1.0)
+    sft_loss(ours, a, batch)[0].backward()
+    got = [p.grad for p in (a.gates, a.tokens)]
+    if any(g is None for g in got):
+        return False, ("no gradient reached the Aligner after backward: the loss must come from the model "
+                       "run "
+                       "with the Aligner, nothing detached")
+    a.zero_grad()
+    full_loss(ours, a, batch).backward()
+    # the gradient: every layer's backward sums, over all the batch's positions
+    d = max(diff(g, p.grad) / tol(p.grad, 320, 2 * DEPTH) for g, p in zip(got, (a.gates, a.tokens)))
+    return verdict(d, "gradient (in tolerances)", "the loss value is right and its gradient is not: nothing "
+                   "may be detached, rounded or computed twice between the logits and the loss", 1.0)
 
 
-def steps(ours, micro: int, n: int, lr: float, batch):
-    """The Aligner after n optimizer steps of train.py's train_step over the batch's 4 examples."""
+def steps(ours, micro: int, n: int, lr: float, batch, sgd=False):
+    """The Aligner after n optimizer steps of train.py's train_step over the batch's examples (one step
+    of all of them), AdamW or plain SGD."""
     from data import Example, collate
     from support.parallel import Ranks
     from train import Run, TrainConfig, sft_loss, train_step
 
     a = nonzero_aligner(ours.args, 2)
     examples = [Example(i.tolist(), y.tolist(), []) for i, y in zip(batch.ids, batch.labels)]
-    cfg = TrainConfig(data="x", batch_size=4, micro_batch_size=micro, lr=lr, warmup_steps=0, max_steps=n)
-    optimizer = torch.optim.AdamW(a.parameters(), lr=cfg.lr, weight_decay=0.0)
+    cfg = TrainConfig(data="x", batch_size=len(examples), micro_batch_size=micro, lr=lr, warmup_steps=0,
+                      max_steps=n)
+    optimizer = (torch.optim.SGD(a.parameters(), lr=cfg.lr) if sgd else
+                 torch.optim.AdamW(a.parameters(), lr=cfg.lr, weight_decay=0.0))
     run = Run(ours, ours, type("Tok", (), {"pad_id": 0})(), a, sft_loss, collate, optimizer, examples, [],
               Ranks(0, 1, torch.device("cpu")), n, 0)
     for _ in range(n):
@@ -298,9 +817,32 @@ def steps(ours, micro: int, n: int, lr: float, batch):
     return a
 
 
+@explains("each micro-batch's loss goes into backward divided by the number of micro-batches")
+def accumulation_one_step():
+    """One step of plain SGD (lr 1: the update is the gradient itself; Adam would hide a constant scale)
+    over 6 examples as 3 micro-batches of 2, against the gradient of the mean loss over the 6."""
+    from data import Batch, batch_indices
+    from train import TrainConfig
+
+    _, ours = tiny_pair()
+    batch = batch_of(6, padding=False)
+    a0, drawn = nonzero_aligner(ours.args, 2), batch_indices(6, 6, 0, TrainConfig(data="x").seed)  # step 0's
+    full_loss(ours, a0, Batch(batch.ids[drawn], batch.labels[drawn])).backward()
+    a = steps(ours, 2, 1, 1.0, batch, sgd=True)
+    update, grad = (a0.gates - a.gates).detach(), a0.gates.grad  # (L - s, H) each
+    d, limit = diff(update, grad), tol(grad, 320, 2 * DEPTH)
+    if d <= limit:
+        return True, f"max |update - gradient of the mean| {d:.1e} (tolerance {limit:.1e})"
+    ratio = ((update * grad).sum() / (grad * grad).sum()).item()
+    return False, (f"one SGD step moved the gates by {ratio:.3g} times the gradient of the mean loss (3 "
+                   f"micro-batches of 2): divide each micro-batch's loss by the number of micro-batches, "
+                   "batch_size / micro_batch_size = 3, before backward: the gradients then add up to the "
+                   "mean's")
+
+
 def accumulation_equals_one_batch():
-    """Three steps of 4 examples as 2 micro-batches of 2 against 1 micro-batch of 4 (each example with
-    as many labelled tokens): the same Aligner."""
+    """Three AdamW steps of 4 examples as 2 micro-batches of 2 against 1 micro-batch of 4 (each example
+    with as many labelled tokens): the same Aligner."""
     _, ours = tiny_pair()
     batch = batch_of(padding=False)
     a, b = steps(ours, 2, 3, 1e-2, batch), steps(ours, 4, 3, 1e-2, batch)
@@ -327,15 +869,13 @@ def training_changes_only_the_aligner():
 
 
 # ---- lesson 6 -----------------------------------------------------------------------------------------
-@torch.no_grad()
-def merge_equals_base_plus_aligner():
-    """A one-token Aligner folded into wo biases (merged_bias) against base + Aligner, grouped-query."""
+def merge_check(ours, label: str, hint: str):
+    """A one-token Aligner folded into wo biases (merged_bias) against base + Aligner."""
     from dataclasses import replace
 
     from aligner import merged_bias
     from model import Transformer
 
-    _, ours = tiny_pair()
     a, args = nonzero_aligner(ours.args, 1), ours.args
     state = dict(ours.state_dict())
     for layer in range(a.start_layer, args.n_layers):
@@ -346,9 +886,50 @@ def merge_equals_base_plus_aligner():
     merged.load_state_dict(state)
     x = ids()
     want = ours(x, a)  # (B, T, vocab)
-    return verdict(diff(merged(x), want), "logit",
-                   "with one token the prefix softmax is 1, so each head adds g[h] * (wv p) of its "
-                   "key/value head; wo maps the (H * E) vector to the bias", tol(want))
+    d, limit = diff(merged(x), want), tol(want)
+    if d <= limit:
+        return True, f"{label}: max |logit diff| {d:.1e} (tolerance {limit:.1e})"
+    return False, f"{label}: max |logit diff| {d:.3g}, expected <= {limit:.2g}: {hint}"
+
+
+@torch.no_grad()
+@explains("merged_bias(a, layer, wv (K*E, D), wo (D, H*E), args) returns (D,)")
+def merge_equal_heads():
+    """The merge with as many key/value heads as query heads (K = H): the algebra before the head order."""
+    return merge_check(random_model(4), "K = H", "with one token the prefix softmax is 1, so head h adds "
+                       "g[h] * (wv p) at every position; wo (D, H * E) maps that (H * E,) vector to the "
+                       "bias: "
+                       "b = wo (g * wv p)")
+
+
+@torch.no_grad()
+@explains("merged_bias(a, layer, wv (K*E, D), wo (D, H*E), args) returns (D,)")
+def merge_equals_base_plus_aligner():
+    """The merge on transformers' grouped-query tiny model (K = 2 < H = 4), against base + Aligner."""
+    return merge_check(tiny_pair()[1], "K < H", "K = H passes and K < H does not: head h = k * G + group "
+                                                "gets "
+                       "wv p of key/value head k: pv (K, 1, E) times the gate viewed as (K, G, 1), "
+                       "flattened in "
+                       "head order")
+
+
+@torch.no_grad()
+@explains("merged_bias computes in float32 whatever the weights' dtype (.float() on wv, the token, the gate "
+          "and wo) and returns (D,) float32")
+def merge_in_bfloat16():
+    """merged_bias of bfloat16 weights (a model loaded in bfloat16): a float32 bias, equal to the same
+    algebra on those weights in float32."""
+    from aligner import merged_bias
+
+    model = random_model(2)
+    a, args, attention = nonzero_aligner(model.args, 1), model.args, model.layers[2].attention
+    wv, wo = attention.wv.weight.bfloat16(), attention.wo.weight.bfloat16()  # (K*E, D), (D, H*E)
+    got = merged_bias(a, 2, wv, wo, args)  # (D,)
+    pv = (wv.float() @ a.tokens[0]).view(args.n_kv_heads, 1, -1)  # (K, 1, E)
+    want = wo.float() @ (a.gates[0].view(args.n_kv_heads, -1, 1) * pv).reshape(-1)  # (D,)
+    if got.dtype != torch.float32:
+        return False, f"the bias is {got.dtype}: merged_bias works and returns in float32"
+    return verdict(diff(got, want), "bias", "float32 throughout", tol(want, 64, 2))
 
 
 # ---- lesson 7 -----------------------------------------------------------------------------------------
@@ -370,6 +951,49 @@ def direct_logprob(ours, a, ids_row, labels_row):
 
 
 @torch.no_grad()
+@explains("sequence_logprob(model, aligner, ids, labels) takes ids and labels already paired (B, T) and "
+          "returns (B,)")
+def sequence_logprob_sums_each_row():
+    """sequence_logprob of 4 rows (one padded) against log p summed per row from the full logits."""
+    from dpo import sequence_logprob
+
+    _, ours = tiny_pair()
+    a, batch = nonzero_aligner(ours.args, 2, seed=1), batch_of()
+    got = sequence_logprob(ours, a, batch.ids[:, :-1], batch.labels[:, 1:])  # (B,)
+    want = torch.stack([direct_logprob(ours, a, i, y) for i, y in zip(batch.ids, batch.labels)])  # (B,)
+    if tuple(got.shape) != (4,):
+        return False, f"sequence_logprob gave {tuple(got.shape)} for 4 rows: one sum per row, (B,)"
+    d, limit = diff(got, want), tol(want, 320, DEPTH + 1)
+    counts = (batch.labels[:, 1:] != -100).sum(1)  # (B,)
+    if d > limit and diff(got * counts, want) <= limit * counts.max().item():
+        return False, f"max |log p diff| {d:.3g}: a mean over each row's tokens: DPO sums them"
+    return verdict(d, "log p", "log_softmax of the kept positions' logits, the label's entry gathered, "
+                               "summed "
+                   "per row", limit)
+
+
+def dpo_fault(got: float, lp: list, limit: float) -> str:
+    """The known mistake whose loss is `got`, from the four log-probabilities per pair, or ""."""
+    pc, pr, rc, rr = lp
+
+    def loss(beta=0.1, swap=False, ref=True):
+        c, r, rc_, rr_ = (pr, pc, rr, rc) if swap else (pc, pr, rc, rr)
+        margin = (c - r) - ((rc_ - rr_) if ref else 0)
+        return -F.logsigmoid(beta * margin).mean().item()
+
+    known = [(loss(swap=True), "chosen and rejected are swapped: a batch of collate_pairs holds the B "
+                               "chosen rows "
+              "first, then the B rejected"),
+             (loss(beta=1.0), "beta is left out: -logsigmoid(beta * margin)"),
+             (loss(ref=False), "the margin has no reference term: subtract the reference's (ref_c - ref_r)"),
+             (math.log(2), "the loss is log 2: the reference log-probabilities come from the policy itself "
+              "(self.reference is the reference Aligner)"),
+             (-loss(), "the sign: the loss is -logsigmoid(beta * margin), which falls as the margin grows")]
+    return next((why for value, why in known if abs(got - value) <= limit), "")
+
+
+@torch.no_grad()
+@explains("DPOLoss(reference, beta)(model, aligner, batch) returns (loss, statistics)")
 def dpo_equals_the_formula():
     """-logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))) written out per pair, beta 0.1, and
     exactly log 2 when the policy is the reference."""
@@ -377,21 +1001,19 @@ def dpo_equals_the_formula():
 
     _, ours = tiny_pair()
     policy, reference = nonzero_aligner(ours.args, 2, seed=1), nonzero_aligner(ours.args, 2, seed=2)
-    batch = pairs_batch()
-    got, _ = DPOLoss(reference, 0.1)(ours, policy, batch)
-    terms, sizes = [], []
-    for p in range(2):
-        c, r = p, p + 2  # chosen first, then rejected
-        lp = [direct_logprob(ours, m, batch.ids[i], batch.labels[i])
-              for m in (policy, reference) for i in (c, r)]
-        terms.append(-F.logsigmoid(0.1 * ((lp[0] - lp[1]) - (lp[2] - lp[3]))))
-        sizes += [abs(v.item()) for v in lp]
-    d = diff(got, torch.stack(terms).mean())
+    batch = pairs_batch()  # chosen rows 0, 1; rejected rows 2, 3
+    got = DPOLoss(reference, 0.1)(ours, policy, batch)[0].item()
+    lp = [torch.stack([direct_logprob(ours, m, batch.ids[i], batch.labels[i]) for i in rows])  # (2,) each
+          for m in (policy, reference) for rows in ((0, 1), (2, 3))]
+    want = -F.logsigmoid(0.1 * ((lp[0] - lp[1]) - (lp[2] - lp[3]))).mean().item()
     # beta times a difference of four log-probabilities: their size sets the rounding
-    limit = tol(None, 320, DEPTH + 1, magnitude=0.1 * 4 * max(sizes))
-    if d > limit:
-        return False, (f"max |loss diff| {d:.3g}: log-probabilities summed over the response tokens of each "
-                       f"sequence, chosen rows first, then rejected; beta times the difference of margins")
+    limit = tol(None, 320, DEPTH + 1, magnitude=0.1 * 4 * max(v.abs().max().item() for v in lp))
+    if abs(got - want) > limit:
+        why = dpo_fault(got, lp, limit) or ("log-probabilities summed over the response tokens of each "
+                                            "sequence "
+                                           "(labels at t + 1 for the logits at t), beta times the "
+                                           "difference of margins")
+        return False, f"loss {got:.6g}, expected {want:.6g}: {why}"
     same, _ = DPOLoss(policy, 0.1)(ours, policy, batch)
     return verdict(abs(same.item() - math.log(2)), "loss - log 2 (policy = reference)",
                    "with the policy equal to the reference every margin is 0 and the loss log 2",
@@ -426,19 +1048,24 @@ def quiet():
     warnings.filterwarnings("ignore")
 
 
+def grade(name: str):
+    """(passed, what was measured) of one grader on the copy first on the import path."""
+    try:
+        return globals()[name]()
+    except NotImplementedError as e:
+        return False, f"not written yet ({e})"
+    except Exception as e:  # the student's code may fail in any way: say where
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return False, f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"
+
+
 def main(student: str, names: list) -> int:
     """Run the graders on the student's folder; print a line each; the number that failed."""
     sys.path.insert(0, str(Path(student).resolve()))
     quiet()
     failed = 0
     for name in names:
-        try:
-            ok, detail = globals()[name]()
-        except NotImplementedError as e:
-            ok, detail = False, f"not written yet ({e})"
-        except Exception as e:  # the student's code may fail in any way: say where
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            ok, detail = False, f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"
+        ok, detail = grade(name)
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
     return failed
