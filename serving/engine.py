@@ -10,6 +10,9 @@ waiting requests into free slots (first come, first served; an Aligner of anothe
 running batch waits for it to drain, and blocks those behind it, so no count starves), and the runner
 prefills each new prompt straight into its slot's rows of the cache, then decodes one token for every
 busy slot, each row at its own position with its own Aligner (aligner.AlignerBatch; row 0 the base).
+A request that asks for log-probabilities gets, for each token it is given, the token's own and the
+`top` likeliest others (log_softmax of the model's logits, before temperature, as OpenAI and vLLM
+report them), for its prompt too when it asks (echo), from the prefill's logits at every position.
 A failure while serving one request fails that request and the engine goes on; a step that fails three
 times in a row marks the engine unusable (said on /health). Read next: serving/http.py.
 """
@@ -63,7 +66,8 @@ class Detokenizer:
 @dataclass
 class Request:
     """One answer being made: its prompt ids, its limits, and where its events go (put(kind, value),
-    called from the engine's thread: "text", "done" (reason, prompt tokens, answer tokens), "error")."""
+    called from the engine's thread: "logprobs" (how many of `entries` the next text covers), "text",
+    "done" (reason, prompt tokens, answer tokens), "error")."""
     ids: list
     served: Column  # the name asked for: its Aligner (or None), template and end-of-answer token
     sampling: Sampling
@@ -81,6 +85,11 @@ class Request:
     taken_count: int = 0  # events the client took (by the web side's thread)
     ended: str = None  # why it ends before its answer does (cancelled, a limit): set from any thread
     generator: torch.Generator = None  # its own random state: sampling never touches the global one
+    logprobs: int = None  # alternatives per answer token (None: no log-probabilities)
+    prompt_logprobs: int = None  # alternatives per prompt token (None: none; echo asks for them)
+    entries: list = field(default_factory=list)  # per answer token: Entry
+    prompt_entries: list = None  # per prompt token: None for the first, then Entry
+    pending: object = None  # the Entry of the token just picked, kept once emit takes the token
 
     @property
     def group(self):
@@ -90,6 +99,22 @@ class Request:
     def taken(self):
         """The client took an event (called from the web side)."""
         self.read, self.taken_count = time.monotonic(), self.taken_count + 1
+
+
+@dataclass
+class Entry:
+    """One token's log-probability and the `top` likeliest tokens at its position, [(id, logprob)]."""
+    token: int
+    logprob: float
+    top: list
+
+
+def entry(logits, token: int, top: int) -> Entry:
+    """The Entry of `token` from the logits (vocab,) of the position that predicts it."""
+    logp = torch.log_softmax(logits.float(), -1)  # (vocab,)
+    best = torch.topk(logp, top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return Entry(token, logp[token].item(), pairs)
 
 
 class Runner:
@@ -118,12 +143,12 @@ class Runner:
 
     @torch.no_grad()
     def prefill(self, r: Request, group: int):
-        """The request's prompt through the model into its slot; the logits of its last position (vocab,)."""
+        """The request's prompt through the model into its slot; the logits of every position (n, vocab)."""
         batcher = self.batchers[group]
         batcher.use([self.row[r.served.name]])
         ids = torch.tensor([r.ids], device=self.device)  # (1, n)
         at = torch.arange(len(r.ids), device=self.device)  # (n,)
-        logits = self.model(ids, batcher, at, cache=self.slot_cache(r.slot, batcher))[0, -1]  # (vocab,)
+        logits = self.model(ids, batcher, at, cache=self.slot_cache(r.slot, batcher))[0]  # (n, vocab)
         self.rows, r.pos = 0, len(r.ids)  # the batch's Aligner rows set again at the next step
         return logits
 
@@ -188,7 +213,7 @@ class Engine:
         """Admit, prefill, step, until stopped."""
         while not self.stopping.is_set():
             for r in self.admit():
-                self.guarded(r, lambda: self.emit(r, self.pick(r, self.runner.prefill(r, self.group))))
+                self.guarded(r, lambda: self.prefilled(r, self.runner.prefill(r, self.group)))
             if any(self.slots):
                 self.step()
 
@@ -231,9 +256,21 @@ class Engine:
                 self.fail(r, why, 503)
             self.waiting, self.slots = [], [None] * len(self.slots)
 
+    def prefilled(self, r: Request, logits):
+        """After the prompt's logits (n, vocab): its tokens' Entries when asked, then the first token,
+        or the end at once for max_tokens 0."""
+        if r.prompt_logprobs is not None:
+            r.prompt_entries = [None] + [entry(logits[i - 1], r.ids[i], r.prompt_logprobs)
+                                         for i in range(1, len(r.ids))]
+        if r.max_tokens == 0:
+            return self.finish(r, "length")
+        self.emit(r, self.pick(r, logits[-1]))
+
     def pick(self, r: Request, logits) -> int:
         """The request's next token from its logits (vocab,): greedy, or sampled with its own generator."""
-        return int(sample(logits[None].float(), r.sampling, r.generator)[0, 0])
+        token = int(sample(logits[None].float(), r.sampling, r.generator)[0, 0])
+        r.pending = entry(logits, token, r.logprobs) if r.logprobs is not None else None
+        return token
 
     def admit(self) -> list:
         """Requests past a limit ended; waiting requests moved into free slots, first come first served:
@@ -280,7 +317,10 @@ class Engine:
 
     def emit(self, r: Request, token: int):
         """The token's new text to the client; the request ends at its EOS, a stop string, its
-        max_tokens or the end of its slot's cache."""
+        max_tokens or the end of its slot's cache. Every token picked has its Entry, EOS's too (as
+        vLLM's): a client that asks for one token with echo reads the prompt's as all but the last."""
+        if r.pending is not None:
+            r.entries.append(r.pending)
         if token == r.served.eos_id and not r.ignore_eos:
             return self.finish(r, "stop")
         new = r.text.add(token)
@@ -298,6 +338,8 @@ class Engine:
     def send(self, r: Request, text: str):
         r.sent += len(text)
         r.put_count += 1
+        if r.logprobs is not None:
+            r.put("logprobs", len(r.entries))
         r.put("text", text)
 
     def finish(self, r: Request, reason: str, text=None):
@@ -305,4 +347,6 @@ class Engine:
         text = self.tok.decode(r.text.tokens) if text is None else text
         if len(text) > r.sent:
             self.send(r, text[r.sent:])
+        elif r.logprobs is not None:
+            r.put("logprobs", len(r.entries))
         r.put("done", (reason, len(r.ids), len(r.text.tokens)))

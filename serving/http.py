@@ -5,6 +5,9 @@ worker threads; the engine runs in its own.
     app = make_app(engine, served, tok, settings)      # settings: serve.py's ServeConfig
     Server(app, engine, settings).run(sock)             # SIGTERM: drain, then exit
 
+One body may ask for several answers (a list of prompts, `n`): each is a Request of the engine, and
+their events meet in one queue, tagged with the choice's index, in one response or one stream.
+
 SIGTERM (or Ctrl-C) stops admitting (503 with Retry-After), lets running answers finish for --grace
 seconds, then ends each open one with a final error event that says why and `[DONE]`; a second signal
 ends at once. Read next: docs/serving.md (the API, the limits, the benchmark).
@@ -40,11 +43,19 @@ def fits(text: str, limits) -> str:
     return text
 
 
-def prompt_ids(body, served, tok, chat: bool, limits) -> list:
-    """The prompt's token ids: raw text for completions; for chat, the messages in the served
-    template (the chat template the Aligner was trained with, or one user turn in Alpaca's)."""
-    if not chat:
-        return tok.encode(fits(body.text(), limits))
+def completion_ids(prompt, tok, limits) -> tuple:
+    """(token ids, text) of one completion prompt: a text, or token ids inside the vocabulary."""
+    if isinstance(prompt, str):
+        return tok.encode(fits(prompt, limits)), prompt
+    if not all(0 <= i < tok.vocab_size for i in prompt):
+        raise ApiError(400, f"'prompt' token ids must be from 0 to {tok.vocab_size - 1} (this model's "
+                            f"vocabulary), not {[i for i in prompt if not 0 <= i < tok.vocab_size][0]}")
+    return list(prompt), tok.decode(prompt)
+
+
+def prompt_ids(body, served, tok, limits) -> list:
+    """The chat prompt's token ids: the messages in the served template (the chat template the
+    Aligner was trained with, or one user turn in Alpaca's)."""
     messages = [{"role": m.role, "content": fits(m.text(), limits)} for m in body.messages]
     if served.chat is not None:
         try:
@@ -57,19 +68,42 @@ def prompt_ids(body, served, tok, chat: bool, limits) -> list:
     return tok.encode(fits(format_prompt(messages[0]["content"], template=served.template), limits))
 
 
-def make_request(raw: bytes, served: dict, tok, limits, default_tokens: int, chat: bool):
-    """(Request without its event sink, the parsed body) from a raw body; a 4xx ApiError otherwise.
-    Runs in a worker thread: parsing, template rendering and tokenizing never block the event loop."""
+def not_found(name) -> ApiError:
+    return ApiError(404, f"the model {json.dumps(name)[:60]} does not exist: GET /v1/models lists them",
+                    code="model_not_found")
+
+
+def make_requests(raw: bytes, served: dict, tok, limits, default_tokens: int, chat: bool):
+    """(Requests without their event sinks, one per choice: prompt i's answer j is choice i * n + j;
+    the parsed body; each choice's prompt as text) from a raw body; a 4xx ApiError
+    otherwise. Runs in a worker thread: parsing, rendering and tokenizing never block the event loop."""
     body = parse(raw, chat)
     if body.model not in served:
-        raise ApiError(404, f"the model {json.dumps(body.model)[:60]} does not exist: GET /v1/models lists "
-                            f"them", code="model_not_found")
+        raise not_found(body.model)
+    if chat:
+        prompts, top, echo = [(prompt_ids(body, served[body.model], tok, limits), "")], body.top(), False
+    else:
+        prompts = [completion_ids(p, tok, limits) for p in body.prompts()]
+        top, echo = body.logprobs, body.echo
+    if len(prompts) * body.n > limits.queue:
+        raise ApiError(400, f"{len(prompts)} prompts x n {body.n} answers is more than this server's queue "
+                            f"of {limits.queue}: send fewer in one request")
+    requests = []
+    for ids, text in prompts:
+        for j in range(body.n):
+            r = make_request(body, ids, served, limits, default_tokens, chat, seed=body.seed + j)
+            r.logprobs, r.prompt_logprobs = top, top if echo else None
+            requests.append(r)
+    return requests, body, [text for _, text in prompts for _ in range(body.n)]
+
+
+def make_request(body, ids: list, served: dict, limits, default_tokens: int, chat: bool, seed: int):
+    """The Request of one answer to the prompt `ids`, its limits checked against the context."""
     as_computed = torch.tensor(body.temperature, dtype=torch.float32)  # (): the value the sampling divides by
     if body.temperature > 0 and not as_computed > 0:
         raise ApiError(400, f"'temperature' {body.temperature:g} is 0 in float32, the dtype the sampling "
                             f"runs in: send 0 for greedy decoding, or a larger value")
-    context = limits.context
-    stop, ids = body.stop_strings(), prompt_ids(body, served[body.model], tok, chat, limits)
+    context, stop = limits.context, body.stop_strings()
     room = context - len(ids) - 1
     if room < 1:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is {context}",
@@ -78,11 +112,10 @@ def make_request(raw: bytes, served: dict, tok, limits, default_tokens: int, cha
     if asked is not None and asked > room:
         raise ApiError(400, f"'max_tokens' must be a whole number from 1 to {room} (the room this prompt "
                             f"leaves in the context of {context}), not {asked}")
-    max_tokens = asked or min(default_tokens, room)
-    sampling = Sampling(max_new_tokens=max_tokens, temperature=body.temperature, top_k=0, top_p=body.top_p,
-                        seed=body.seed)
-    r = Request(ids, served[body.model], sampling, max_tokens, stop, put=None, ignore_eos=body.ignore_eos)
-    return r, body
+    max_tokens = min(default_tokens, room) if asked is None else asked
+    sampling = Sampling(max_new_tokens=max(1, max_tokens), temperature=body.temperature, top_k=0,
+                        top_p=body.top_p, seed=seed)
+    return Request(ids, served[body.model], sampling, max_tokens, stop, put=None, ignore_eos=body.ignore_eos)
 
 
 async def read_body(request, limit: int, seconds: float) -> bytes:
@@ -117,21 +150,96 @@ async def read_bytes(request, limit: int) -> bytes:
     return bytes(data)
 
 
-def chunk(kind: str, rid: str, name: str, text=None, reason=None, usage=None) -> dict:
-    """One completion object (or a streamed chunk of one) in OpenAI's shape."""
+def piece(tok, token: int) -> str:
+    """A token's own text, as OpenAI's and vLLM's logprobs name it (a special token: its spelling)."""
+    return tok.decode([token]) or tok.token_text(token)
+
+
+def legacy_logprobs(tok, entries: list, offset: int) -> dict:
+    """Completions' logprobs: each token, its log-probability and a {text: logprob} of the likeliest
+    and itself (None for a prompt's first token), character offsets from `offset` on. Two tokens of
+    one text share a key: it keeps the larger, so max(top) is always the likeliest token's."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, e in entries:
+        text, top = piece(tok, token), None
+        if e is not None:
+            top = {}
+            for key, lp in [(piece(tok, i), lp) for i, lp in e.top] + [(text, e.logprob)]:
+                top[key] = max(lp, top.get(key, lp))
+        for key, value in zip(out, (text, None if e is None else e.logprob, top, offset)):
+            out[key].append(value)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(tok, entries: list) -> dict:
+    """Chat's logprobs: {"content": [each token with its log-probability, bytes and top alternatives]}."""
+    def one(token, lp):
+        text = piece(tok, token)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [{**one(t, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
+                        for t, e in entries]}
+
+
+class Choice:
+    """What the web side gathers of one choice's events: its text, its end, and which of its
+    logprobs entries were shown: the prompt's (with echo, once, first), then the answer's."""
+
+    def __init__(self, r: Request, prompt: str, echo: bool):
+        self.r, self.echo, self.text, self.done = r, prompt if echo else "", [], None
+        self.shown, self.echoed, self.offset = 0, not echo, 0 if echo else len(prompt)
+        self.covered = 0  # the answer's entries the next text event covers (the "logprobs" event)
+
+    def logprobs(self, tok, kind: str, upto: int):
+        """The logprobs of what a chunk shows: entries not shown yet, the answer's up to `upto`."""
+        if self.r.logprobs is None:
+            return None
+        entries = [] if self.echoed else list(zip(self.r.ids, self.r.prompt_entries or []))
+        entries += [(e.token, e) for e in self.r.entries[self.shown: upto]]
+        self.echoed, self.shown = True, max(self.shown, upto)
+        if kind.startswith("chat"):
+            return chat_logprobs(tok, entries)
+        out = legacy_logprobs(tok, entries, self.offset)
+        self.offset += sum(map(len, out["tokens"]))
+        return out
+
+    def chunks(self, kind: str, rid: str, model: str, tok, index: int, event: str, value) -> list:
+        """The streamed chunks of one "text" or "done" event; with echo, the prompt's first (once)."""
+        out = []
+        if self.echo and not self.echoed:
+            prompt = choice(kind, index, self.echo, None, self.logprobs(tok, kind, 0))
+            out.append(chunk(kind, rid, model, [prompt]))
+        text, reason = (value, None) if event == "text" else (None, value[0])
+        self.done = value if event == "done" else None
+        upto = self.covered if event == "text" else len(self.r.entries)
+        answer = choice(kind, index, text, reason, self.logprobs(tok, kind, upto))
+        out.append(chunk(kind, rid, model, [answer]))
+        return out
+
+
+def choice(kind: str, index: int, text=None, reason=None, logprobs=None) -> dict:
+    """One choice of a completion object (or of a streamed chunk of one) in OpenAI's shape."""
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-    elif kind == "chat.chunk":
-        choice = {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                "logprobs": logprobs}
+    if kind == "chat.chunk":
+        return {"index": index, "delta": {} if text is None else {"content": text}, "finish_reason": reason,
+                "logprobs": logprobs}
+    return {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
+
+
+def chunk(kind: str, rid: str, name: str, choices: list, usage=None) -> dict:
+    """A completion object (or a streamed chunk of one) in OpenAI's shape."""
     obj = {"chat": "chat.completion", "chat.chunk": "chat.completion.chunk"}.get(kind, "text_completion")
-    out = {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": [choice]}
+    out = {"id": rid, "object": obj, "created": int(time.time()), "model": name, "choices": choices}
     return {**out, "usage": usage} if usage is not None else out
 
 
-def usage_of(done) -> dict:
-    _, prompt, completion = done
+def usage_of(choices: list, n: int) -> dict:
+    """Tokens of each prompt once (n answers share one), and of every answer."""
+    prompt = sum(len(c.r.ids) for c in choices[::n])
+    completion = sum(c.done[2] for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -140,53 +248,64 @@ def server_error(value) -> ApiError:
     return ApiError(status, message, kind="server_error", retry_after=5 if status == 503 else None)
 
 
-async def answer(engine: Engine, r: Request, events: asyncio.Queue, kind: str, name: str, request):
+async def answer(engine: Engine, choices: list, events: asyncio.Queue, kind: str, body, tok, request):
     """A whole answer (not streamed): wait for the engine, cancelling when the client leaves."""
-    text = []
-    while True:
-        try:
-            event, value = await asyncio.wait_for(events.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                engine.cancel(r)
-                return None
-            continue
-        r.taken()
-        if event == "error":
-            raise server_error(value)
-        if event == "done":
-            return chunk(kind, f"cmpl-{uuid.uuid4().hex}", name, "".join(text), value[0], usage_of(value))
-        text.append(value)
+    try:
+        while not all(c.done for c in choices):
+            try:
+                index, event, value = await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            c = choices[index]
+            if event != "logprobs":
+                c.r.taken()
+            if event == "error":
+                raise server_error(value)
+            c.done = value if event == "done" else None
+            c.text += [value] if event == "text" else []
+    finally:
+        for c in choices:
+            engine.cancel(c.r)  # nothing for one that has finished; frees the slots of the others
+    out = [choice(kind, i, c.echo + "".join(c.text), c.done[0], c.logprobs(tok, kind, len(c.r.entries)))
+           for i, c in enumerate(choices)]
+    return chunk(kind, f"cmpl-{uuid.uuid4().hex}", body.model, out, usage_of(choices, body.n))
 
 
 def sse(obj) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-async def stream(engine: Engine, r: Request, events: asyncio.Queue, kind: str, name: str, usage: bool):
-    """Server-sent events, as the OpenAI client reads them; every stream ends with `[DONE]`, after a
-    finish reason or an error event that says why; a client that leaves cancels the request."""
+async def stream(engine: Engine, choices: list, events: asyncio.Queue, kind: str, body, tok, usage: bool):
+    """Server-sent events, as the OpenAI client reads them, each chunk naming its choice; every stream
+    ends with `[DONE]`, after each choice's finish reason or an error event that says why; a client
+    that leaves cancels the requests."""
     rid, kind = f"cmpl-{uuid.uuid4().hex}", f"{kind}.chunk" if kind == "chat" else kind
     try:
         if kind == "chat.chunk":
-            first = chunk(kind, rid, name)
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield sse(first)
-        while True:
-            event, value = await events.get()
-            r.taken()
+            first = [{**choice(kind, i), "delta": {"role": "assistant", "content": ""}}
+                     for i in range(len(choices))]
+            yield sse(chunk(kind, rid, body.model, first))
+        while not all(c.done for c in choices):
+            index, event, value = await events.get()
+            c = choices[index]
+            if event == "logprobs":
+                c.covered = value
+                continue
+            c.r.taken()
             if event == "error":
                 yield sse(server_error(value).body)
                 break
-            if event == "done":
-                yield sse(chunk(kind, rid, name, None, value[0]))
-                if usage:
-                    yield sse({**chunk(kind, rid, name), "choices": [], "usage": usage_of(value)})
-                break
-            yield sse(chunk(kind, rid, name, value))
+            for part in c.chunks(kind, rid, body.model, tok, index, event, value):
+                yield sse(part)
+        else:
+            if usage:
+                yield sse(chunk(kind, rid, body.model, [], usage_of(choices, body.n)))
         yield sse("[DONE]")
     finally:
-        engine.cancel(r)  # nothing if it has finished; frees the slot if the client left
+        for c in choices:
+            engine.cancel(c.r)  # nothing if it has finished; frees the slot if the client left
 
 
 def make_app(engine: Engine, served: dict, tok, settings):
@@ -219,6 +338,12 @@ def make_app(engine: Engine, served: dict, tok, settings):
         listed = [{"id": name, "object": "model", "created": 0, "owned_by": "aligner"} for name in served]
         return {"object": "list", "data": listed}
 
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name not in served:
+            raise not_found(name)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "aligner"}
+
     @app.get("/health")
     async def health():  # not OpenAI's: how full the server is, and why it stopped if it did
         return engine.health()
@@ -243,23 +368,32 @@ async def complete(engine: Engine, served: dict, tok, settings, request, kind: s
     request.app.state.arriving += 1  # read and checked, not yet the engine's: a drain waits for these
     try:
         raw = await read_body(request, settings.body_limit, settings.stall_timeout)
-        r, body = await asyncio.to_thread(make_request, raw, served, tok, engine.limits, settings.max_tokens,
-                                          kind == "chat")
+        requests, body, prompts = await asyncio.to_thread(make_requests, raw, served, tok, engine.limits,
+                                                          settings.max_tokens, kind == "chat")
     finally:
         request.app.state.arriving -= 1
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-    def put(event: str, value):  # called from the engine's thread
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(events.put_nowait, (event, value))
+    def sink(index: int):
+        def put(event: str, value):  # called from the engine's thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(events.put_nowait, (index, event, value))
+        return put
 
-    r.put = put
-    engine.submit(r)
+    choices = [Choice(r, text, kind != "chat" and body.echo) for r, text in zip(requests, prompts)]
+    for i, r in enumerate(requests):
+        r.put = sink(i)
+        try:
+            engine.submit(r)
+        except ApiError:
+            for earlier in requests[:i]:
+                engine.cancel(earlier)
+            raise
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(engine, r, events, kind, body.model, usage),
+        return StreamingResponse(stream(engine, choices, events, kind, body, tok, usage),
                                  media_type="text/event-stream")
-    return await answer(engine, r, events, kind, body.model, request)
+    return await answer(engine, choices, events, kind, body, tok, request)
 
 
 def uvicorn_server(app, engine: Engine, settings):

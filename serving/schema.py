@@ -4,8 +4,11 @@ by name, not ignored; text must be valid Unicode (no lone surrogates).
 
     body = parse(raw_bytes, chat=False)   # a Completion, or ApiError(400) naming the first bad field
 
-Limits that depend on the server (the context, the model names) are checked by the engine's caller
-(serving/http.py) after the prompt is tokenized. Read next: serving/engine.py.
+A completion's prompt is a text, a list of token ids, or a list of either (one answer each, `n`
+answers a prompt: choice i * n + j); `echo` puts the prompt before the answer and, with `logprobs`,
+its tokens' log-probabilities first (the first token's is null). Limits that depend on the server
+(the context, the vocabulary, the model names) are checked by the engine's caller (serving/http.py)
+after the prompt is tokenized. Read next: serving/engine.py.
 """
 import json
 from typing import Literal, Optional, Union
@@ -32,8 +35,9 @@ def _text(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_text)]
-UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call", "suffix",
-               "logit_bias", "echo", "parallel_tool_calls")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "suffix", "logit_bias",
+               "parallel_tool_calls")
+MAX_N, MAX_LOGPROBS = 16, 20  # answers per prompt; alternatives per token (OpenAI: 5, vLLM: 20)
 
 
 class Strict(BaseModel):
@@ -73,7 +77,7 @@ class Common(Strict):
     stream: bool = Field(False, description="true or false")
     stream_options: Optional[StreamOptions] = Field(None, description="an object")
     ignore_eos: bool = Field(False, description="true or false")
-    n: int = Field(1, ge=1, le=1, description="1: this server makes one answer per request")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"a whole number from 1 to {MAX_N}")
     best_of: int = Field(1, ge=1, le=1, description="1: this server makes one answer per request")
     presence_penalty: float = Field(0, ge=0, le=0, description="0: this server applies no penalties")
     frequency_penalty: float = Field(0, ge=0, le=0, description="0: this server applies no penalties")
@@ -97,32 +101,54 @@ class Common(Strict):
 
 
 class Completion(Common):
-    prompt: Union[Text, list[Text]] = Field(description="a non-empty string of valid text")
+    prompt: Union[Text, list[Text], list[int], list[list[int]]] = Field(
+        description="a non-empty string of valid text, a list of token ids, or a list of either")
+    max_tokens: Optional[int] = Field(None, ge=0, description="a whole number of at least 0 (0: with echo)")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS,
+                                    description=f"a whole number from 0 to {MAX_LOGPROBS}, or null")
+    echo: bool = Field(False, description="true or false")
 
-    def text(self) -> str:
-        prompt = self.prompt[0] if isinstance(self.prompt, list) and len(self.prompt) == 1 else self.prompt
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string of valid text (one prompt a request)")
-        return prompt
+    def prompts(self) -> list:
+        """Each prompt: a text or a list of token ids, none empty."""
+        p = self.prompt
+        prompts = [p] if isinstance(p, str) or p and isinstance(p[0], int) else p
+        if not prompts or not all(prompts):
+            raise ApiError(400, "'prompt' must be a non-empty text, a non-empty list of token ids, or a "
+                                "non-empty list of either, none empty")
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "'max_tokens' 0 asks for no answer: send it with echo true (the prompt's "
+                                "log-probabilities), or at least 1")
+        return prompts
 
 
 class ChatCompletion(Common):
     messages: list[Message] = Field(min_length=1, description="a non-empty list of messages")
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="a whole number of at least 1")
     response_format: Optional[ResponseFormat] = Field(None, description="an object whose type is text")
+    logprobs: bool = Field(False, description="true or false")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS,
+                                        description=f"a whole number from 0 to {MAX_LOGPROBS}, or null")
+
+    def top(self):
+        """The alternatives a token of the answer comes with (None: no logprobs asked)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
-MODELS = (Completion, ChatCompletion, Message, TextPart, StreamOptions, ResponseFormat)
-DESCRIPTIONS = {name: f.description for model in MODELS for name, f in model.model_fields.items()}
+PARTS = (Message, TextPart, StreamOptions, ResponseFormat)
+DESCRIPTIONS = {top: {name: f.description for model in (top, *PARTS)
+                       for name, f in model.model_fields.items()}
+                for top in (Completion, ChatCompletion)}  # per route: "logprobs" is a number in one
 
 
-def where(loc: tuple) -> str:
+def where(loc: tuple, descriptions: dict) -> str:
     """A pydantic error's location as a path: ('messages', 0, 'content', 'str') -> messages[0].content"""
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in DESCRIPTIONS:
+        elif part in descriptions:
             path += f".{part}" if path else part
     return path
 
@@ -134,11 +160,12 @@ def parse(raw: bytes, chat: bool):
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "the request body is not valid JSON") from None
+    top = ChatCompletion if chat else Completion
     try:
-        return (ChatCompletion if chat else Completion).model_validate(body)
+        return top.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
-        field = where(first["loc"])
+        field = where(first["loc"], DESCRIPTIONS[top])
         given = json.dumps(first.get("input"), default=str)[:40] if first["type"] != "missing" else "missing"
-        expected = DESCRIPTIONS.get(field.rsplit(".", 1)[-1].split("[")[0], first["msg"])
+        expected = DESCRIPTIONS[top].get(field.rsplit(".", 1)[-1].split("[")[0], first["msg"])
         raise ApiError(400, f"'{field}' must be {expected}, not {given}") from None

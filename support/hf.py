@@ -172,7 +172,8 @@ def hf_tokenizer(src: Path, cfg: dict, vocab_size: int):
 
 def to_hf(args: ModelArgs, tensors: dict, src: Path, out: Path):
     """Write a Hugging Face LlamaForCausalLM checkpoint (config.json + safetensors) into `out`:
-    `tensors` in Hugging Face's names and layout (convert_weights.hf_layout), BOS/EOS from `src`."""
+    `tensors` in Hugging Face's names and layout (convert_weights.hf_layout), BOS/EOS from `src`,
+    and the tokenizer of `src` as transformers' AutoTokenizer loads it (hf_tokenizer_files)."""
     from safetensors.torch import save_file
 
     tok_file = src / "tokenizer_config.json"
@@ -180,6 +181,38 @@ def to_hf(args: ModelArgs, tensors: dict, src: Path, out: Path):
     hf, config = hf_state(args, tensors, tok_cfg.get("bos_id"), tok_cfg.get("eos_id"))
     save_file(hf, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tok_cfg:
+        hf_tokenizer_files(src, out, tok_cfg, args.max_seq_len)
+
+
+def hf_tokenizer_files(src: Path, out: Path, ours: dict, context: int):
+    """The tokenizer of our directory `src` in `out` for both readers: tokenizer_config.json keeps
+    our keys (bos_id, eos_id, add_bos) and adds transformers' own (bos_token, eos_token,
+    add_bos_token, tokenizer_class, model_max_length; chat_template is the same key in both). A
+    tokenizer.json gets a post-processor that puts BOS first when add_bos says so, since
+    transformers' tokenizers backend adds only what tokenizer.json adds; ours encodes without it."""
+    from support.tokenizer import Tokenizer
+
+    tok = Tokenizer(src)
+    cfg = {**ours, "tokenizer_class": "TokenizersBackend", "bos_token": tok.token_text(tok.bos_id) or None,
+           "eos_token": tok.token_text(tok.eos_id) or None, "add_bos_token": tok.add_bos,
+           "add_eos_token": False, "model_max_length": context, "clean_up_tokenization_spaces": False}
+    if (src / "tokenizer.model").is_file():
+        shutil.copy(src / "tokenizer.model", out / "tokenizer.model")
+        cfg.update(tokenizer_class="LlamaTokenizer", legacy=False)
+    elif (src / "tokenizer.json").is_file():
+        import tokenizers
+        from tokenizers import processors
+
+        tk = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json"))
+        if tok.add_bos and tk.encode("a").ids[:1] != [tok.bos_id]:
+            bos = [processors.TemplateProcessing(single=f"{cfg['bos_token']} $A",
+                                                 pair=f"{cfg['bos_token']} $A {cfg['bos_token']} $B",
+                                                 special_tokens=[(cfg["bos_token"], tok.bos_id)])]
+            kept = [tk.post_processor] if tk.post_processor is not None else []
+            tk.post_processor = processors.Sequence(kept + bos)
+        tk.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def hf_state(args: ModelArgs, tensors: dict, bos_id=None, eos_id=None):

@@ -53,7 +53,8 @@ def server(tiny, tmp_path_factory):
         save_aligner(a, files[name])
     port = free_port()
     cmd = [sys.executable, "serve.py", *[x for f in files.values() for x in ("--adapter", str(f))], "--port", str(port),
-           "--slots", "4", "--context", "256", "--api-key", KEY, "--body-limit", "20000"]
+           "--slots", "4", "--context", "256", "--api-key", KEY, "--body-limit", "20000",
+           "--dtype", "float32"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
     for _ in range(120):  # bounded: at most a minute to start
@@ -159,6 +160,34 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(client, server):
     assert client.completions.create(model="a1", prompt="x", max_tokens=3, temperature=0).usage.completion_tokens
 
 
+def test_n_answers_a_prompt_list_and_logprobs_stream_and_chat(client):
+    """n answers per prompt, prompt-major; greedy copies agree; streamed logprobs equal the whole's;
+    chat's logprobs name each token of the answer with its top alternatives; GET /v1/models/{id}."""
+    r = client.completions.create(model="a1", prompt=["the lazy dog", "Write a"], n=3, max_tokens=6, temperature=0,
+                                  logprobs=1)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert len({c.text for c in r.choices[:3]}) == 1 and r.choices[3].text == r.choices[5].text
+    alone = client.completions.create(model="a1", prompt="Write a", max_tokens=6, temperature=0)
+    assert r.choices[4].text == alone.choices[0].text
+    sampled = client.completions.create(model="a1", prompt="the lazy dog", n=4, max_tokens=8, temperature=1.0, seed=3)
+    assert len({c.text for c in sampled.choices}) > 1
+    parts = list(client.completions.create(model="a1", prompt="the lazy dog", max_tokens=6, temperature=0, logprobs=1,
+                                           echo=True, stream=True))
+    whole = client.completions.create(model="a1", prompt="the lazy dog", max_tokens=6, temperature=0, logprobs=1,
+                                      echo=True)
+    streamed = [x for p in parts if p.choices[0].logprobs for x in p.choices[0].logprobs.token_logprobs]
+    assert streamed == whole.choices[0].logprobs.token_logprobs
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+    chat = client.chat.completions.create(model="a4", messages=[{"role": "user", "content": "the fox"}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content).startswith(chat.choices[0].message.content)
+    assert all(len(t.top_logprobs) == 3 and t.logprob == t.top_logprobs[0].logprob for t in content)
+    assert client.models.retrieve("a2").id == "a2"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
     ({"model": "../a1.pt", "prompt": "x"}, 404, "does not exist"),
@@ -166,8 +195,15 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(client, server):
     ({"model": "a1", "prompt": "x", "max_tokens": -3}, 400, "'max_tokens' must be"),
     ({"model": "a1", "prompt": "x", "max_tokens": 10**9}, 400, "'max_tokens' must be"),
     ({"model": "a1", "prompt": "the lazy dog " * 200}, 400, "this server's context is 256"),
-    ({"model": "a1", "prompt": "x", "n": 2}, 400, "'n' must be 1"),
-    ({"model": "a1", "prompt": "x", "logprobs": 2}, 400, "'logprobs' is not supported"),
+    ({"model": "a1", "prompt": "x", "n": 17}, 400, "'n' must be a whole number from 1 to 16"),
+    ({"model": "a1", "prompt": "x", "logprobs": 21}, 400, "'logprobs' must be a whole number from 0 to 20"),
+    ({"model": "a1", "prompt": "x", "max_tokens": 0}, 400, "send it with echo true"),
+    ({"model": "a1", "prompt": [5, 320]}, 400, "token ids must be from 0 to 319"),
+    ({"model": "a1", "prompt": [[5], []]}, 400, "none empty"),
+    ({"model": "a1", "prompt": ["x"] * 40, "n": 2}, 400, "more than this server's queue"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "needs 'logprobs'"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "at least 1"),
+    ({"model": "a1", "prompt": "x", "suffix": "y"}, 400, "'suffix' is not supported"),
     ({"model": "a1", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "'tools'"),
     ({"model": "a1", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400,
      "send one user message"),
@@ -182,7 +218,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(client, server):
     ({"model": "a1", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
      400, "'response_format.type' must be text"),
     ({"model": "a1", "prompt": "x", "max_tokens": 2.5}, 400, "'max_tokens' must be a whole number"),
-    ({"model": "a1", "prompt": "x", "n": True}, 400, "'n' must be 1"),
+    ({"model": "a1", "prompt": "x", "n": True}, 400, "'n' must be a whole number"),
     ({"model": "a1", "prompt": "x", "stop": ["ok", "\udc00"]}, 400, "'stop' must be"),
     ({"model": "a4", "messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}, 400,
      "'messages[0].content' must be"),
