@@ -1,7 +1,7 @@
 """Adapter files at the command line: look inside one, compare two, or merge one into the base.
 
     python adapter.py inspect FILE [--plot gates.png]   # our adapter or an official released checkpoint
-    python adapter.py compare A B
+    python adapter.py compare A B [--init START]    # equal numbers, tolerances, what moved from START
     python adapter.py merge --adapter out.pt --out DIR [--format hf]
 
 `merge` folds a one-token Aligner into the base model's weights exactly, as a bias on wo in every
@@ -13,6 +13,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+import torch
+
 from aligner import merged_bias
 from convert_weights import hf_layout
 from support import report
@@ -20,6 +22,7 @@ from support.adapter_file import base_dir, load_aligner
 from support.checkpoint import read_state, write_dir
 from support.errors import UserError, run_main
 from support.hf import to_hf
+from support.inputs import load_weights
 from support.outputs import check_output_dir, check_output_file
 from support.temporary import new_directory
 
@@ -60,8 +63,19 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
           f"{Path(adapter).name} merged as a wo bias in layers {a.start_layer}..{args.n_layers - 1}")
 
 
-def compare(path_a, path_b):
-    print(report.compare(load_aligner(path_a), load_aligner(path_b), path_a, path_b))
+def compare(path_a, path_b, init=None):
+    """Two adapters side by side (support/report.py's compare); `init`: the adapter both started from."""
+    start = load_aligner(init) if init else None
+    print(report.compare(load_aligner(path_a), load_aligner(path_b), path_a, path_b, start,
+                         (stored_dtype(path_a), stored_dtype(path_b))))
+
+
+def stored_dtype(path) -> str:
+    """The dtype a file keeps its tokens in (the Aligner loads them as float32, exactly)."""
+    d = load_weights(path)
+    d = d.get("aligner", d)  # a training checkpoint nests the adapter
+    tokens = d.get("tokens", d.get("global_value_embedding.weight"))
+    return str(tokens.dtype).removeprefix("torch.") if isinstance(tokens, torch.Tensor) else "unknown"
 
 
 def main(argv=None):
@@ -81,13 +95,14 @@ def main(argv=None):
     c = sub.add_parser("compare", help="similarity of two adapters' tokens and gates")
     c.add_argument("a", help="first adapter")
     c.add_argument("b", help="second adapter")
+    c.add_argument("--init", help="the adapter both started from (train.py's start): what moved, and where")
     args = p.parse_args(argv)
     if args.cmd == "inspect":
         run_main(inspect, args.file, args.plot)
     elif args.cmd == "merge":
         run_main(merge, args.adapter, args.out, args.model, args.format, args.force)
     else:
-        run_main(compare, args.a, args.b)
+        run_main(compare, args.a, args.b, args.init)
 
 
 if __name__ == "__main__":

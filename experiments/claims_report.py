@@ -5,13 +5,16 @@
 Cells of the same task, method, learning rate and start layer differ only by seed; a table entry is
 their mean +- the sample standard deviation (over 3 seeds by default), each figure's error bar the
 same. Each method is shown at its best learning rate (the lowest validation loss of the seed-1 grid
-at the main budget); the grid itself is a second table, the knowledge learning curve a third.
+at the main budget); the grid itself is a second table, the knowledge learning curve a third. Every
+proportion also gets a Wilson 95% interval, every difference the verdict names (NAMED) Newcombe's,
+and the paper's win/loss counts a sign test; the figures draw chance lines and seed (or Wilson) bands.
 Writes OUT/results.md, OUT/results.json, and with matplotlib OUT/grid.png, OUT/curves.png,
 OUT/start_layer.png and OUT/gates.png (the trained form Aligner's gates and merged biases beside the
 official LLaMA-2-7B one-token Aligner's gates).
 Read next: docs/claims.md.
 """
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +44,45 @@ def spread(values: list) -> tuple:
 def at(row: dict) -> dict:
     """The scores of a cell at its last checkpoint."""
     return row["at"][-1]
+
+
+# ---- intervals: every proportion and every named difference gets one -------------------------------
+Z = 1.959964  # the 97.5% point of the normal: 95% two-sided intervals
+
+
+def wilson(k: int, n: int) -> tuple:
+    """The Wilson score 95% interval of a proportion k/n (right at 0 and n, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + Z * Z / n
+    centre, half = (p + Z * Z / (2 * n)) / d, Z * (p * (1 - p) / n + Z * Z / (4 * n * n)) ** 0.5 / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple:
+    """Newcombe's hybrid score 95% interval of p1 - p2 for two independent proportions (method 10)."""
+    (p1, p2), (l1, u1), (l2, u2) = (k1 / n1, k2 / n2), wilson(k1, n1), wilson(k2, n2)
+    d = p1 - p2
+    return d - ((p1 - l1) ** 2 + (u2 - p2) ** 2) ** 0.5, d + ((u1 - p1) ** 2 + (p2 - l2) ** 2) ** 0.5
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test of wins against losses (ties dropped): the chance of a split at least
+    this uneven if each non-tied question were a fair coin."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def hits(rows: list, field: str, n: int, step=None) -> tuple:
+    """(hits, questions) of `field` pooled over `rows` (seeds), at `step` or the last checkpoint;
+    n: the questions in one cell's probe set."""
+    points = [at(r) if step is None else next(a for a in r["at"] if a["step"] == step) for r in rows]
+    return sum(round(p[field] * n) for p in points), n * len(points)
+
+
+def ci_text(k: int, n: int) -> str:
+    low, high = wilson(k, n)
+    return f"{k}/{n} = {100 * k / n:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def cell_text(rows: list, field: str, percent=True) -> str:
@@ -133,7 +175,8 @@ def curves(res: Results) -> list:
     """[(method, n, lr, [{step, recall, score, val_loss}])] of the knowledge learning curves."""
     out = []
     for method, n in res.methods:
-        rows = res.cells("knowledge", method, n, curve=True)
+        rows = res.cells("knowledge", method, n, seed=1, curve=True) or res.cells("knowledge", method, n,
+                                                                                curve=True)
         if rows:
             out.append((method, n, rows[0]["lr"], rows[0]["at"]))
     return out
@@ -168,6 +211,114 @@ def sweep_table(res: Results, n_layers: int) -> list:
     return lines
 
 
+# The differences the verdict names: (label, task, A, B, field, step); A and B are (method, n), or
+# ("start", s) for the one-token form Aligner at start layer s; step None: the main table's cells at
+# each method's best learning rate, every seed pooled; a step: the knowledge curve's cell there.
+NAMED = [("form: LoRA r=1 (wq, wv) - Aligner N=100, matched size", "form", ("lora-qv", 1), ("aligner", 100),
+          "score", None),
+         ("form: LLaMA-Adapter - Aligner N=1", "form", ("per-layer", 10), ("aligner", 1), "score", None),
+         ("form: LoRA r=8 - Aligner N=1", "form", ("lora", 8), ("aligner", 1), "score", None),
+         ("form: Aligner N=100 - N=1", "form", ("aligner", 100), ("aligner", 1), "score", None),
+         ("form: Aligner N=1 - N=10", "form", ("aligner", 1), ("aligner", 10), "score", None),
+         *[(f"form, Aligner N={n}: reusing a template - new", "form", ("aligner", n), ("aligner", n),
+            ("score_reuse", "score_new"), None) for n in (1, 10, 100)],
+         ("form, LLaMA-Adapter: reusing a template - new", "form", ("per-layer", 10), ("per-layer", 10),
+          ("score_reuse", "score_new"), None),
+         *[(f"form: start layer 2 - start layer {s}", "form", ("start", 2), ("start", s), "score", None)
+           for s in (0, 4, 8, 16)],
+         ("knowledge held-out: LoRA r=1 (wq, wv) - Aligner N=100", "knowledge", ("lora-qv", 1),
+          ("aligner", 100), "score", None),
+         ("knowledge recall: LoRA r=1 (wq, wv) - Aligner N=100", "knowledge", ("lora-qv", 1),
+          ("aligner", 100), "recall", None),
+         ("knowledge recall: Aligner N=10 - N=1", "knowledge", ("aligner", 10), ("aligner", 1), "recall",
+          None),
+         ("knowledge recall: Aligner N=100 - N=10", "knowledge", ("aligner", 100), ("aligner", 10), "recall",
+          None),
+         ("curve, step 400, held-out: LoRA r=1 (wq, wv) - Aligner N=100, matched size", "knowledge",
+          ("lora-qv", 1), ("aligner", 100), "score", 400),
+         ("curve, step 400, held-out: LoRA r=3 (wq, wv) - LLaMA-Adapter, matched size", "knowledge",
+          ("lora-qv", 3), ("per-layer", 10), "score", 400),
+         ("curve, step 400, held-out: Aligner N=10 - N=100", "knowledge", ("aligner", 10), ("aligner", 100),
+          "score", 400),
+         ("curve, step 400, held-out: Aligner N=10 - N=1", "knowledge", ("aligner", 10), ("aligner", 1),
+          "score", 400),
+         ("curve, step 400, held-out: Aligner N=10 - LLaMA-Adapter", "knowledge", ("aligner", 10),
+          ("per-layer", 10), "score", 400)]
+# The paper's GPT-4-judged Vicuna counts of the Aligner against a competitor: (base, competitor, N, Aligner
+# wins, losses, ties), as the official README's figure shows them (docs/claims.md, "The paper beside us").
+PAPER = [("LLaMA-2-7B", "LLaMA-Adapter", 1, 26, 35, 19), ("LLaMA-2-7B", "LLaMA-Adapter", 10, 28, 26, 26),
+         ("LLaMA-2-7B", "LoRA", 1, 20, 26, 34), ("LLaMA-2-7B", "LoRA", 10, 26, 25, 29),
+         ("LLaMA-2-13B", "LLaMA-Adapter", 1, 22, 28, 30), ("LLaMA-2-13B", "LLaMA-Adapter", 10, 27, 27, 26),
+         ("LLaMA-2-13B", "LoRA", 1, 16, 31, 33), ("LLaMA-2-13B", "LoRA", 10, 21, 28, 31)]
+
+
+def named_rows(res: Results, task: str, who: tuple, step) -> list:
+    if who[0] == "start":
+        return res.cells(task, "aligner", 1, res.best_lr(task, "aligner", 1), start=who[1])
+    if step is None:
+        return res.main(task, *who)
+    return [r for r in res.cells(task, *who, seed=1, curve=True) if any(a["step"] == step for a in r["at"])]
+
+
+def interval_table(res: Results, sizes: dict) -> list:
+    """Each method at its best learning rate: hits / questions over every seed, with a Wilson 95%
+    interval (the seeds' questions pooled, as if independent: no seed-to-seed spread is in it)."""
+    columns = [("form", "score"), ("form", "score_reuse"), ("form", "score_new"), ("knowledge", "score"),
+               ("knowledge", "recall")]
+    lines = ["| method | form compliance | reusing a template | new | knowledge held-out | training recall |",
+             "|---|---|---|---|---|---|"]
+    for method, n in res.methods:
+        texts = [ci_text(*hits(res.main(t, method, n), f, sizes[t][f])) for t, f in columns]
+        lines.append(f"| {NAMES[method].format(n)} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def curve_interval_table(res: Results, sizes: dict) -> list:
+    """The knowledge curves (seed 1): hits / questions at each checkpoint, with Wilson 95% intervals."""
+    held, recall = sizes["knowledge"]["score"], sizes["knowledge"]["recall"]
+    lines = ["| method | lr | step | held-out (32) | training recall (64) |", "|---|---|---|---|---|"]
+    for m, n, lr, points in curves(res):
+        lines += [f"| {NAMES[m].format(n)} | {lr:g} | {a['step']} | "
+                  f"{ci_text(round(a['score'] * held), held)} | "
+                  f"{ci_text(round(a['recall'] * recall), recall)} |" for a in points]
+    return lines
+
+
+def named_table(res: Results, sizes: dict) -> list:
+    """Every difference the verdict names, with Newcombe's 95% interval ('yes' where it excludes 0), and
+    whether every seed of A lies on the same side of every seed of B (the interval pools the questions
+    of all seeds, so the seed-to-seed spread is not in it)."""
+    lines = ["| difference (A - B) | A | B | A - B [95% interval] | interval excludes 0 | seeds apart |",
+             "|---|---|---|---|---|---|"]
+    for label, task, a, b, field, step in NAMED:
+        fields = field if isinstance(field, tuple) else (field, field)
+        rows = [named_rows(res, task, who, step) for who in (a, b)]
+        if not all(rows):
+            continue
+        (k1, n1), (k2, n2) = (hits(r, f, sizes[task][f], step) for r, f in zip(rows, fields))
+        low, high = newcombe(k1, n1, k2, n2)
+        lines.append(f"| {label} | {ci_text(k1, n1)} | {ci_text(k2, n2)} | {100 * (k1 / n1 - k2 / n2):+.1f} "
+                     f"[{100 * low:+.1f}, {100 * high:+.1f}] | {'yes' if low > 0 or high < 0 else 'no'} | "
+                     f"{seeds_apart(rows, fields, step)} |")
+    return lines
+
+
+def seeds_apart(rows: list, fields: tuple, step) -> str:
+    """'yes' if every seed of A scores above every seed of B (or every one below), 'no' if not, '1 seed'."""
+    if min(len(r) for r in rows) < 2:
+        return "1 seed"
+    a, b = ([(at(r) if step is None else r["at"][-1])[f] for r in side] for side, f in zip(rows, fields))
+    return "yes" if min(a) > max(b) or max(a) < min(b) else "no"
+
+
+def paper_table() -> list:
+    lines = ["| base | competitor | Aligner N | wins / losses / ties | score (wins + ties / 2) / 80 "
+             "| sign test, wins vs losses: p |", "|---|---|---|---|---|---|"]
+    lines += [f"| {base} | {rival} | {n} | {w} / {lo} / {t} | {(w + t / 2) / (w + lo + t):.3f} | "
+              f"{sign_test(w, lo):.3f} |" for base, rival, n, w, lo, t in PAPER]
+    return lines
+
+
 def by_layer(res: Results, attention: list) -> dict:
     """The trained one-token form Aligner (start 2) per layer: mean |gate| over heads and the merged
     bias norm, each as (mean, sd) over seeds, beside the base model's mean |attention output|
@@ -196,24 +347,41 @@ def layer_table(layers: dict) -> list:
     return lines
 
 
-def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, attention: list, design: dict):
+def sizes_of(info: dict) -> dict:
+    """{task: {score field: questions in one cell}}: the probe sets, and the groups a set is split by."""
+    return {t: {**probes, **info.get("groups", {}).get(t, {})} for t, probes in info["probes"].items()}
+
+
+def intervals_text(res: Results, sizes: dict) -> list:
+    return ["## Intervals: hits / questions, Wilson 95% (each method at its best lr, seeds pooled)",
+            "", *interval_table(res, sizes), "",
+            "## Intervals on the knowledge curves (seed 1: one run each, so no seed spread is in them)", "",
+            *curve_interval_table(res, sizes), "",
+            "## Named differences, Newcombe 95% intervals (the questions of every seed pooled)", "",
+            *named_table(res, sizes), "",
+            "## The paper's GPT-4-judged counts: Aligner wins / losses / ties, 80 Vicuna questions", "",
+            *paper_table(), ""]
+
+
+def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, attention: list, design: dict,
+          check=()):
     """results.md and results.json from the cells' rows, then the figures; `info` has the probe counts
     and the chance scores, `attention` the base model's mean |attention output| per layer (the scale
-    of the merged biases), `design` the methods, learning-rate grids and the learning rates chosen."""
+    of the merged biases), `design` the methods, learning-rate grids and the learning rates chosen,
+    `check` the lines that say how the cells meet experiments/design.json."""
     res, seconds = Results(rows, design["best"]), sum(r["seconds"] for r in rows)
     layers = by_layer(res, attention)
     chance = ", ".join(f"{k} {100 * v:.2f}%" for k, v in info["chance"].items())
     text = [f"Settings: {json.dumps(settings)}",
-            f"Learning-rate grids (fixed in advance): {json.dumps(design['lr_grid'])}",
+            f"Learning-rate grids: {json.dumps(design['lr_grid'])}",
             f"{len(rows)} cells; probes: {json.dumps(info['probes'])}; the cells' training and scoring took "
             f"{seconds:.0f} s in all (summed over workers).",
-            f"Chance on knowledge (a model that always names the same city): {chance}.", "",
+            f"Chance on knowledge (a model that always names the same city): {chance}.", "", *check,
             "## Each method at its best learning rate (lowest validation loss; start layer 2)", "",
-            *main_table(res), "", "## The learning-rate grid (seed 1; the best in bold)", "",
-            *grid_table(res), "",
+            *main_table(res), "", *intervals_text(res, sizes_of(info)),
+            "## The learning-rate grid (seed 1; the best in bold)", "", *grid_table(res), "",
             "## Knowledge: the learning rate by validation loss (used) and by validation accuracy (seed 1)",
-            "",
-            *selection_table(res), "",
+            "", *selection_table(res), "",
             "## Knowledge learning curves (seed 1, at the best learning rate at the main budget)", "",
             *curve_table(res), "", "## Start layer of the one-token Aligner (form task)", "",
             *sweep_table(res, n_layers), "",
@@ -224,6 +392,7 @@ def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, atte
             *layer_table(layers)]
     atomic_write(out / "results.md", lambda f: f.write(("\n".join(text) + "\n").encode()))
     summary = {"settings": settings, "design": design, "info": info, "seconds": seconds, "by_layer": layers,
+               "attention": attention,
                "main": [{"task": t, "method": m, "n": n, "params": res.main(t, m, n)[0]["params"],
                          "lr": res.best_lr(t, m, n), "seeds": len(res.main(t, m, n)),
                          **{f: spread([at(r).get(f) for r in res.main(t, m, n)]) for f in FIELDS}}
@@ -231,10 +400,10 @@ def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, atte
                "curves": [{"method": m, "n": n, "lr": lr, "at": points} for m, n, lr, points in curves(res)]}
     atomic_write(out / "results.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
     print("\n".join(text))
-    plot(res, layers, out)
+    plot(res, layers, out, info)
 
 
-def plot(res: Results, layers: dict, out: Path):
+def plot(res: Results, layers: dict, out: Path, info: dict):
     try:
         import matplotlib
 
@@ -243,7 +412,7 @@ def plot(res: Results, layers: dict, out: Path):
     except ImportError:
         print("matplotlib not installed: no figures")
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     series = (("form", "score", "o"), ("knowledge", "score", "s"), ("knowledge", "recall", "^"))
     for task, field, marker in series:
         trained = [(res.main(task, m, n)[0]["params"], spread([at(r)[field] for r in res.main(task, m, n)]),
@@ -253,25 +422,45 @@ def plot(res: Results, layers: dict, out: Path):
                     label=f"{task} {'held-out' if field == 'score' else 'training recall'}")
         for p, ms, name in trained if field == "score" else []:
             ax.annotate(name, (p, 100 * ms[0]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    chance = 100 * info["chance"].get("score", 0.0)
+    ax.axhline(chance, color="grey", ls=":", label=f"knowledge chance ({chance:.2f}%); form: base 0%")
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="score (%), mean ± sd over seeds",
-           title="SmolLM2-135M: form vs knowledge, each at its best lr")
-    ax.legend(fontsize=7)
+           title="SmolLM2-135M: form vs knowledge, each at its best lr", xlim=(400, 1e7), ylim=(-5, 108))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside the axes: it hides no point
     save(fig, out / "grid.png")
-    plot_curves(plt, res, out)
+    plot_curves(plt, res, out, info)
     plot_sweep(plt, res, out)
     plot_layers(plt, layers, out)
 
 
-def plot_curves(plt, res: Results, out: Path):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+def curve_band(rows: list, field: str, n: int) -> tuple:
+    """(steps, mean %, low %, high %) of one method's curve: the range over seeds where there are several,
+    else the Wilson 95% interval of the one run's hits out of n questions."""
+    steps = [a["step"] for a in rows[0]["at"]]
+    values = [[100 * a[field] for a in r["at"]] for r in rows]  # seeds x steps
+    mean = [sum(col) / len(col) for col in zip(*values)]
+    if len(rows) > 1:
+        return steps, mean, [min(col) for col in zip(*values)], [max(col) for col in zip(*values)]
+    bounds = [wilson(round(v * n / 100), n) for v in values[0]]
+    return steps, mean, [100 * lo for lo, _ in bounds], [100 * hi for _, hi in bounds]
+
+
+def plot_curves(plt, res: Results, out: Path, info: dict):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.9), sharey=True)
+    sizes, chance = sizes_of(info)["knowledge"], info["chance"]
     for ax, field, title in ((axes[0], "recall", "training questions (fit)"),
                              (axes[1], "score", "held-out paraphrases (transfer)")):
-        for m, n, _, points in curves(res):
-            ax.plot([a["step"] for a in points], [100 * a[field] for a in points], "o-",
-                    label=NAMES[m].format(n))
+        for m, n, lr, _ in curves(res):
+            rows = res.cells("knowledge", m, n, lr=lr, curve=True)
+            steps, mean, low, high = curve_band(rows, field, sizes[field])
+            line = ax.plot(steps, mean, "o-", label=f"{NAMES[m].format(n)} ({len(rows)} seed"
+                           f"{'s' if len(rows) > 1 else ''})")[0]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.12)
+        ax.axhline(100 * chance.get(field, 0.0), color="grey", ls=":", label="chance (one city always)")
         ax.set(xscale="log", xlabel="optimizer steps (8 examples each)", ylabel="right city (%)", title=title)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Knowledge on SmolLM2-135M by budget (seed 1, each method at its best lr)")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Knowledge on SmolLM2-135M by budget; bands: the range over seeds, or with one seed the "
+                 "Wilson 95% interval over the questions", fontsize=9)
     save(fig, out / "curves.png")
 
 

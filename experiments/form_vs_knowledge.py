@@ -3,20 +3,25 @@ method, learning curves, fit against transfer, parameter-matched LoRA, and every
 
     python experiments/form_vs_knowledge.py --out experiments/results --dtype bfloat16 --workers 2
     python experiments/form_vs_knowledge.py --quick    # a smoke run (CI), about 70 seconds
+    python experiments/form_vs_knowledge.py --out experiments/results --dtype bfloat16 --report-only
 
-The first command is the committed grid (94 cells, 1 h 54 min on 2 CPU cores); run in this checkout
-it finds every cell done and only rewrites the tables and figures.
+The design (methods, learning-rate grids, seeds, budgets, selection rules) is experiments/design.json,
+committed before its cells ran. The first command ran the first pass's grid (94 cells, 1 h 54 min on
+2 CPU cores); run in this checkout it runs only the cells the design adds. --report-only runs none: it
+rewrites the tables and figures from OUT/cells.jsonl, and the report lists every cell the design lacks
+or does not call for.
 
 Every cell (task, method, learning rate, start layer, seed) trains on the same frozen base, is
 scored at its checkpoints, and is appended to OUT/cells.jsonl (its decoded answers to
 OUT/answers.jsonl), so a killed run started again with the same flags redoes only the cells it
 lacks. Two phases:
-  1. the grid: every method at every learning rate of its family's grid (LR_GRID, fixed in advance),
+  1. the grid: every method at every learning rate of its family's grid (design.json's lr_grid),
      seed 1, at the main budget (40 steps on form, 50 on knowledge); the best learning rate of a
      method on a task is the one with the lowest validation loss there;
-  2. at each method's best learning rate: seeds 2..S (the main table), the knowledge learning curve
-     (seed 1, checkpoints doubling from 50 up to --curve-steps), and the start-layer sweep of the
-     one-token Aligner on form.
+  2. at each method's best learning rate: seeds 2..S (the main table), the knowledge learning curves
+     (seeds 1..S, checkpoints doubling from 50 up to --curve-steps, at the learning rate of each rule:
+     validation loss, and validation accuracy where it picks another), and the start-layer sweep of
+     the one-token Aligner on form.
 Tasks:
   form       data/form_train.json, every answer a letter ("Dear reader," ... "Yours, Aligner.");
              one tenth held out for the validation loss; score: share of the 64 held-out
@@ -80,10 +85,10 @@ class Method(NamedTuple):
     n: int  # tokens (per layer for per-layer), or the LoRA rank
 
 
-METHODS = [Method("aligner", 1), Method("aligner", 10), Method("aligner", 100), Method("per-layer", 10),
-           Method("lora", 8), Method("lora-qv", 1), Method("lora-qv", 3)]
-# Fixed before any cell ran: three values spanning 10x for each family, around what it used before.
-LR_GRID = {"prefix": (3e-3, 1e-2, 3e-2), "lora": (1e-3, 3e-3, 1e-2)}
+# The design, fixed before the cells ran and committed on its own: methods, grids, seeds, budgets.
+DESIGN = json.loads((Path(__file__).with_name("design.json")).read_text())
+METHODS = [Method(kind, n) for kind, n in DESIGN["methods"]]
+LR_GRID = {family: tuple(values) for family, values in DESIGN["lr_grid"].items()}
 CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Vienna", "Helsinki", "Havana", "Bangkok",
           "Nairobi", "Athens", "Warsaw", "Madrid", "Tokyo", "Berlin", "Ottawa", "Prague", "Santiago",
           "Manila", "Dakar", "Quito", "Seoul", "Tunis", "Riga"]
@@ -102,17 +107,23 @@ class ExperimentConfig:
     out: str = flag("runs/claims", "folder for cells.jsonl, answers.jsonl, results.md, results.json and "
                     "the figures", path_text)
     quick: bool = flag(False, "a smoke run: one seed, one learning rate, 2 steps of 1 example, 2 prompts")
-    seeds: int = flag(3, "seeds for the main table and the start-layer sweep", positive_int)
-    form_steps: int = flag(40, "optimizer steps per form cell (the main budget)", positive_int)
-    knowledge_steps: int = flag(50, "optimizer steps per knowledge cell (the main budget)", positive_int)
-    curve_steps: int = flag(400, "the knowledge curve's last checkpoint (they double from "
-                            "--knowledge-steps)", positive_int)
-    batch: int = flag(8, "examples per step", positive_int)
-    people: int = flag(16, f"invented people in the knowledge task (at most {len(CITIES)})", positive_int)
+    seeds: int = flag(DESIGN["seeds"], "seeds for the main table, the curves and the start-layer sweep",
+                      positive_int)
+    form_steps: int = flag(DESIGN["budgets"]["form_steps"], "optimizer steps per form cell (the main budget)",
+                           positive_int)
+    knowledge_steps: int = flag(DESIGN["budgets"]["knowledge_steps"], "optimizer steps per knowledge cell "
+                                "(the main budget)", positive_int)
+    curve_steps: int = flag(DESIGN["budgets"]["curve_steps"], "the knowledge curve's last checkpoint (they "
+                            "double from --knowledge-steps)", positive_int)
+    batch: int = flag(DESIGN["budgets"]["batch"], "examples per step", positive_int)
+    people: int = flag(DESIGN["budgets"]["people"], f"invented people in the knowledge task (at most "
+                       f"{len(CITIES)})", positive_int)
     dtype: str = flag("float32", "the frozen base's dtype (bfloat16: faster on CPUs with bf16 units)",
                       choices=["float32", "bfloat16"])
     workers: int = flag(1, "cells trained at once, each in its own process with a share of the cores",
                         positive_int)
+    report_only: bool = flag(False, "run no cell: rewrite the tables and figures from OUT/cells.jsonl (and "
+                             "the base's attention norms kept in OUT/results.json), design cells missing")
 
     def __post_init__(self):
         check_flags(self)
@@ -391,7 +402,7 @@ def budget(cfg: ExperimentConfig, task: str) -> int:
 
 def lr_grid(cfg: ExperimentConfig, kind: str) -> tuple:
     grid = LR_GRID["lora" if kind.startswith("lora") else "prefix"]
-    return grid[1:2] if cfg.quick else grid
+    return grid[len(grid) // 2:len(grid) // 2 + 1] if cfg.quick else grid  # --quick: the middle one
 
 
 def make_cell(cfg: ExperimentConfig, task: str, method: Method, lr: float, seed: int, checkpoints: list,
@@ -410,11 +421,17 @@ def grid_cells(cfg: ExperimentConfig) -> list:
                    for task in ("form", "knowledge") for m in METHODS for lr in lr_grid(cfg, m.kind)]
 
 
-def best_lr(cfg: ExperimentConfig, done: dict, task: str, method: Method) -> float:
-    """The grid's learning rate with the lowest validation loss at the main budget (seed 1)."""
-    losses = {lr: done[key(make_cell(cfg, task, method, lr, 1, [budget(cfg, task)]))]["at"][-1]["val_loss"]
-              for lr in lr_grid(cfg, method.kind)}
-    return min(losses, key=losses.get)
+def best_lr(cfg: ExperimentConfig, done: dict, task: str, method: Method, by="loss") -> float:
+    """The grid's learning rate with the lowest validation loss at the main budget (seed 1), or by
+    "accuracy" the highest validation accuracy (ties: the lower loss); among the grid cells done."""
+    cells = [done.get(key(make_cell(cfg, task, method, lr, 1, [budget(cfg, task)])))
+             for lr in lr_grid(cfg, method.kind)]
+    points = {row["lr"]: row["at"][-1] for row in cells if row}
+    if not points:
+        return None
+    if by == "loss":
+        return min(points, key=lambda lr: points[lr]["val_loss"])
+    return min(points, key=lambda lr: (-points[lr].get("val_score", 0.0), points[lr]["val_loss"]))
 
 
 def followup_cells(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
@@ -426,14 +443,53 @@ def followup_cells(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
     for task in ("form", "knowledge"):
         for m in METHODS:
             lr = best_lr(cfg, done, task, m)
+            if lr is None:  # no grid cell of it done yet
+                continue
             todo += [make_cell(cfg, task, m, lr, seed, [budget(cfg, task)])
                      for seed in range(2, cfg.seeds + 1)]
-            if task == "knowledge" and len(curve) > 1:
-                todo.append(make_cell(cfg, task, m, lr, 1, curve))
+            if task == "knowledge" and len(curve) > 1:  # at the lr of each rule, every seed
+                lrs = dict.fromkeys([lr, best_lr(cfg, done, task, m, by="accuracy")])
+                todo += [make_cell(cfg, task, m, x, seed, curve)
+                         for x in lrs for seed in range(1, cfg.seeds + 1)]
     one, starts = Method("aligner", 1), [0, n_layers - 1] if cfg.quick else [0, 4, 8, 16, n_layers - 1]
     lr = best_lr(cfg, done, "form", one)
+    if lr is None:
+        return todo
     return todo + [make_cell(cfg, "form", one, lr, seed, [cfg.form_steps], start)
                    for start in starts for seed in range(1, cfg.seeds + 1)]
+
+
+def design_cells(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
+    """Every cell of the design, phase 2 at the learning rates the grid cells done so far choose."""
+    return grid_cells(cfg) + followup_cells(cfg, done, n_layers)
+
+
+def design_check(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
+    """results.md's lines on the cells against experiments/design.json: missing, outside, and every
+    chosen learning rate on an edge of its grid or chosen from a grid with cells missing."""
+    wanted = {key(c): c for c in design_cells(cfg, done, n_layers)}
+    missing, outside = [k for k in wanted if k not in done], [k for k in done if k not in wanted]
+    grid = {key(c) for c in grid_cells(cfg)}
+    lines = [f"## The cells against the design (experiments/design.json, fixed {DESIGN['fixed']})", "",
+             f"{len(wanted) - len(missing)} of the design's {len(wanted)} cells so far are done; "
+             f"{len(missing)} "
+             f"missing ({len(grid & set(missing))} of them grid cells: phase 2 follows from the grid, so "
+             f"more cells may follow); {len(outside)} cells done are outside the design"
+             + (" (not in the tables): " + "; ".join(outside[:5]) if outside else "") + ".", ""]
+    notes = [(f"{task}, {m.kind} {m.n}", choice_notes(cfg, done, task, m))
+             for task in ("form", "knowledge") for m in METHODS]
+    return lines + [f"- {who}: " + "; ".join(said) for who, said in notes if said] + [""]
+
+
+def choice_notes(cfg: ExperimentConfig, done: dict, task: str, m: Method) -> list:
+    """What to say of a method's chosen learning rate: on an edge of its grid, or from a partial grid."""
+    grid, lr = lr_grid(cfg, m.kind), best_lr(cfg, done, task, m)
+    if lr is None:
+        return ["no grid cell done"]
+    have = sum(key(make_cell(cfg, task, m, x, 1, [budget(cfg, task)])) in done for x in grid)
+    notes = [f"on the edge of its grid ({lr:g})"] if lr in (grid[0], grid[-1]) and len(grid) > 1 else []
+    partial = [f"chosen from {have} of the grid's {len(grid)} learning rates"] if have < len(grid) else []
+    return notes + partial
 
 
 def plan(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
@@ -467,11 +523,18 @@ def read_cells(path: Path) -> dict:
     return rows
 
 
-def check_budget(out: Path, todo: list, done: dict):
+def settings_of(cell: dict) -> tuple:
+    """What makes cells comparable: the batch, dtype, smoke-run flag, people, and the checkpoints."""
+    return (cell["batch"], cell["dtype"], cell["quick"], cell.get("people"), cell["task"],
+            tuple(cell["checkpoints"]))
+
+
+def check_budget(out: Path, cfg: ExperimentConfig, done: dict, n_layers: int):
     """The results folder holds no cell of another budget or task: its tables would be rewritten from
-    a mix (a --quick run over the committed results, say)."""
-    mine = {key(c) for c in todo}
-    other = [row for k, row in done.items() if k not in mine]
+    a mix (a --quick run over the committed results, say). Cells of this budget that the design does
+    not call for are kept, and the report lists them."""
+    mine = {settings_of(c) for c in design_cells(cfg, done, n_layers)}
+    other = [row for row in done.values() if settings_of(row) not in mine]
     if other:
         names = ("task", "checkpoints", "batch", "lr", "dtype", "quick", "people")
         budget_of = {k: other[0][k] for k in names if k in other[0]}
@@ -526,24 +589,52 @@ def experiment(cfg: ExperimentConfig):
     check_output_dir(out, add=True)  # never / or the current folder; one this project made, or a new one
     for name in OUTPUTS:  # each file the run writes passes the output gate, before any work
         check_output_file(out / name)
+    done = read_cells(out / "cells.jsonl")
+    if cfg.report_only:
+        attention = kept_attention(out)
+        check_budget(out, cfg, done, len(attention))
+        return report(cfg, out, done, attention, make_tasks(cfg, out))
     path = model_dir(None)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
     model, tok = load_model(path, "cpu", DTYPES[cfg.dtype]), Tokenizer(path)
-    done, n_layers = read_cells(out / "cells.jsonl"), model.args.n_layers
-    check_budget(out, plan(cfg, done, n_layers), done)
+    n_layers = model.args.n_layers
+    check_budget(out, cfg, done, n_layers)
     with added_folder(out, "experiments/form_vs_knowledge.py", OUTPUTS), \
             tempfile.TemporaryDirectory() as scratch:
         bench = Bench(model, tok, path, make_tasks(cfg, Path(scratch)))
         write_tasks(bench.tasks)
         run_cells(grid_cells(cfg), done, cfg, bench, out)
         run_cells(plan(cfg, done, n_layers), done, cfg, bench, out)
-        todo = plan(cfg, done, n_layers)
-        info = {"chance": chance(bench.tasks["knowledge"]),
-                "probes": {t.name: {k: len(v) for k, v in t.probes.items()} for t in bench.tasks.values()}}
-        best = [dict(task=t, method=m.kind, n=m.n, lr=best_lr(cfg, done, t, m))
-                for t in ("form", "knowledge") for m in METHODS]  # the one place the choice is made
-        claims_report.write([done[key(c)] for c in todo], out, asdict(cfg), n_layers, info,
-                            attention_norms(bench), {"lr_grid": LR_GRID, "methods": METHODS, "best": best})
+        report(cfg, out, done, attention_norms(bench), bench.tasks)
+
+
+def kept_attention(out: Path) -> list:
+    """--report-only: the base's mean attention-output norm per layer, as the last full run kept it."""
+    try:
+        kept = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--report-only needs {out / 'results.json'} from a run: run the cells first") \
+            from None
+    if "attention" in kept:
+        return kept["attention"]
+    norms = kept["by_layer"]["attention_norm"]  # results.json of the first pass: layers 2.. only
+    return [None] * kept["by_layer"]["layers"][0] + norms  # layers below the Aligner's: not kept
+
+
+def report(cfg: ExperimentConfig, out: Path, done: dict, attention: list, tasks: dict):
+    """results.md, results.json and the figures from the design's cells done (claims_report.py)."""
+    n_layers = len(attention)
+    rows = [done[key(c)] for c in design_cells(cfg, done, n_layers) if key(c) in done]
+    info = {"chance": chance(tasks["knowledge"]),
+            "probes": {t.name: {k: len(v) for k, v in t.probes.items()} for t in tasks.values()},
+            "groups": {t.name: {f"{k}_{g}": sum(p.group == g for p in v) for k, v in t.probes.items()
+                                for g in {p.group for p in v} - {""}} for t in tasks.values()}}
+    best = [dict(task=t, method=m.kind, n=m.n, lr=best_lr(cfg, done, t, m))
+            for t in ("form", "knowledge") for m in METHODS]  # the one place the choice is made
+    settings = {k: v for k, v in asdict(cfg).items() if k != "report_only"}
+    claims_report.write(rows, out, settings, n_layers, info, attention,
+                        {"lr_grid": LR_GRID, "methods": METHODS, "best": best},
+                        design_check(cfg, done, n_layers))
 
 
 def main(argv=None):

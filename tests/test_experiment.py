@@ -3,13 +3,17 @@ letter needs a body), its knowledge probes never leak the held-out wordings into
 runs end to end on the real embedded model: the grid, then the follow-up cells at the best learning
 rates, every answer kept; a run killed mid-write resumes (the cut line dropped, only the missing cell
 redone); a run of another knowledge task, or a smoke run over the committed results, is refused before
-it writes anything."""
+it writes anything. The report's intervals match published and independent values, and it checks the
+cells against experiments/design.json (outside it, on a grid's edge, chosen from a partial grid)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
+
+from support.errors import UserError
 
 sys.path[:0] = [str(ROOT / "experiments"), str(ROOT / "data")]
 import form_vs_knowledge as experiment  # noqa: E402
@@ -107,3 +111,42 @@ def check_resume(out: Path, rows: list):
                         str(committed)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "another budget or task" in r.stderr
     assert {f.name: f.read_bytes() for f in committed.iterdir()} == before
+
+
+def test_intervals_match_published_and_independent_values():
+    from scipy.stats import binomtest
+
+    import claims_report as report
+
+    low, high = report.wilson(23, 32)  # Wilson's score interval, in closed form here
+    z = 1.959964
+    for bound in (low, high):  # each bound solves |p - bound| = z * sqrt(bound (1 - bound) / n)
+        assert abs(abs(23 / 32 - bound) - z * (bound * (1 - bound) / 32) ** 0.5) < 1e-9
+    assert report.wilson(0, 32)[0] == 0.0 and round(report.wilson(0, 32)[1], 4) == 0.1072
+    # Newcombe (1998), Statistics in Medicine 17:873, Table II, method 10: 56/70 - 48/80
+    assert [round(x, 4) for x in report.newcombe(56, 70, 48, 80)] == [0.0524, 0.3339]
+    for wins, losses in ((16, 31), (20, 26), (26, 35), (27, 27)):
+        assert abs(report.sign_test(wins, losses) - binomtest(wins, wins + losses).pvalue) < 1e-12
+
+
+def test_the_report_checks_cells_against_the_design():
+    cfg = experiment.ExperimentConfig(dtype="bfloat16")
+    grid = experiment.lr_grid(cfg, "aligner")
+    n1 = experiment.Method("aligner", 1)
+    done = {}
+    for lr, loss in ((grid[-1], 0.5), (grid[-2], 0.6)):  # two of five grid points: the best on an edge
+        cell = experiment.make_cell(cfg, "form", n1, lr, 1, [cfg.form_steps])
+        done[experiment.key(cell)] = dict(cell, at=[{"step": cfg.form_steps, "val_loss": loss}])
+    stray = experiment.make_cell(cfg, "form", n1, 0.5, 1, [cfg.form_steps])  # an lr of no grid
+    done[experiment.key(stray)] = dict(stray, at=[{"step": cfg.form_steps, "val_loss": 0.1}])
+    lines = "\n".join(experiment.design_check(cfg, done, 30))
+    assert "1 cells done are outside the design" in lines and '"lr": 0.5' in lines
+    assert f"- form, aligner 1: on the edge of its grid ({grid[-1]:g}); chosen from 2 of the grid's 5" \
+        in lines
+    assert "- knowledge, aligner 1: no grid cell done" in lines
+    assert experiment.best_lr(cfg, done, "form", n1) == grid[-1]  # the stray cell is never chosen
+    experiment.check_budget(Path("out"), cfg, done, 30)  # a stray learning rate is listed, not refused
+    other = experiment.make_cell(experiment.ExperimentConfig(dtype="bfloat16", people=8), "knowledge", n1,
+                                 grid[0], 1, [cfg.knowledge_steps])
+    with pytest.raises(UserError, match="another budget or task"):  # another task: refused
+        experiment.check_budget(Path("out"), cfg, {**done, experiment.key(other): other}, 30)
