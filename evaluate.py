@@ -60,8 +60,14 @@ class EvalConfig:
     seed: int = flag(0, "lm-eval's random seeds (few-shot choice, sampling)", count)
 
     def __post_init__(self):
-        if self.limit is not None and not (self.limit < 1 or self.limit == int(self.limit)):
-            raise UserError(f"--limit {self.limit:g}: a whole number of documents, or a fraction below 1")
+        if self.limit is not None and not (self.limit < 1 or self.limit == int(self.limit) <= 10**9):
+            raise UserError(f"--limit {self.limit:g}: a whole number of documents (at most 10^9), or a "
+                            f"fraction below 1")
+        if not all(self.tasks.split(",")):
+            raise UserError(f"--tasks {self.tasks!r}: an empty task name; give names separated by commas")
+        if self.gen_kwargs and not all("=" in kv for kv in self.gen_kwargs.split(",")):
+            raise UserError(f"--gen-kwargs {self.gen_kwargs!r}: give k=v pairs separated by commas, "
+                            f"as max_gen_toks=64,temperature=0")
         if self.log_samples and not self.output_path:
             raise UserError("--log-samples writes into --output-path: name the file")
 
@@ -100,6 +106,10 @@ def aligner_lm(base, aligner, batch_size: int, max_length: int):
             return tok.encode(string, bos=tok.add_bos and add_special_tokens is not False and not starts)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+            longest = max(len(cont) for _, _, cont in requests)
+            if longest > max_length:
+                raise UserError(f"a continuation of {longest} tokens does not fit --max-length {max_length}: "
+                                f"raise --max-length")
             seqs = [(ctx + cont)[-(max_length + 1):] for _, ctx, cont in requests]
             return score(model, aligner, seqs, [len(cont) for _, _, cont in requests], batch_size)
 
@@ -162,6 +172,9 @@ def until(model, tok, encode, aligner, requests: list, batch_size: int, max_leng
         stops = options.get("until") or []
         stops = [stops] if isinstance(stops, str) else stops
         n_new = int(options.get("max_gen_toks", 256))
+        if not 0 < n_new < max_length:
+            raise UserError(f"max_gen_toks {n_new} leaves no room for the question in --max-length "
+                            f"{max_length}: lower it (--gen-kwargs max_gen_toks=...) or raise --max-length")
         t = float(options.get("temperature", 0.0)) if options.get("do_sample", False) else 0.0
         sampling = Sampling(max_new_tokens=n_new, temperature=t, top_k=0, top_p=1.0, seed=0)
         for start in range(0, len(members), batch_size):
@@ -201,6 +214,21 @@ def task_manager(cfg: EvalConfig):
     return manager
 
 
+def check_chat_templates(base, runs: list):
+    """--apply-chat-template: each Aligner trained in a chat template, and that template (or the base
+    directory's, for the base alone) at hand, before any task runs."""
+    for name, aligner in runs:
+        trained = aligner.meta.get("template", "alpaca") if aligner is not None else "chat"
+        if trained != "chat":
+            raise UserError(f"--apply-chat-template: {name} was trained with the {trained} template, not a "
+                            f"chat template; evaluate it without --apply-chat-template")
+        try:
+            base.chat(aligner)
+        except UserError as e:
+            raise UserError(f"--apply-chat-template: {name}: {str(e).split(': use')[0]}; evaluate it "
+                            f"without --apply-chat-template") from None
+
+
 def evaluate(cfg: EvalConfig, runtime: Runtime):
     """Every model asked for, in turn over one loaded base: lm-eval's table for each, one JSON for all."""
     lm_eval, _ = lm_eval_module()
@@ -214,6 +242,8 @@ def evaluate(cfg: EvalConfig, runtime: Runtime):
     base = load_base(base_path, runtime, runtime.pick_device())
     max_length = min(cfg.max_length or base.model.args.max_seq_len, base.model.args.max_seq_len)
     runs = ([("base", None)] if cfg.base or not adapters else []) + adapters
+    if cfg.apply_chat_template:
+        check_chat_templates(base, runs)
     results = {}
     for name, aligner in runs:
         if aligner is not None:

@@ -78,7 +78,8 @@ class Common(Strict):
     stream_options: Optional[StreamOptions] = Field(None, description="an object")
     ignore_eos: bool = Field(False, description="true or false")
     n: int = Field(1, ge=1, le=MAX_N, description=f"a whole number from 1 to {MAX_N}")
-    best_of: int = Field(1, ge=1, le=1, description="1: this server makes one answer per request")
+    best_of: int = Field(1, ge=1, le=1, description="1: no candidates ranked (n: answers)")
+    response_format: Optional[ResponseFormat] = Field(None, description="an object whose type is text")
     presence_penalty: float = Field(0, ge=0, le=0, description="0: this server applies no penalties")
     frequency_penalty: float = Field(0, ge=0, le=0, description="0: this server applies no penalties")
 
@@ -124,7 +125,6 @@ class Completion(Common):
 class ChatCompletion(Common):
     messages: list[Message] = Field(min_length=1, description="a non-empty list of messages")
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="a whole number of at least 1")
-    response_format: Optional[ResponseFormat] = Field(None, description="an object whose type is text")
     logprobs: bool = Field(False, description="true or false")
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS,
                                         description=f"a whole number from 0 to {MAX_LOGPROBS}, or null")

@@ -195,7 +195,36 @@ def test_rolling_loglikelihood_and_generation_are_the_models(exports):
     assert got == [answer[: answer.find(stop)] if stop in answer else answer, answer]
 
 
+def test_a_request_that_does_not_fit_max_length_is_cut_or_refused(exports):
+    """generate_until keeps the question's last max_length - max_gen_toks tokens (as lm-eval's hf model
+    does); an answer budget that leaves no room, or a continuation longer than max_length, is one
+    clear error, not an index error deep in the model."""
+    from lm_eval.api.instance import Instance
+
+    from evaluate import aligner_lm
+    from generate import Sampling, generate
+    from support.checkpoint import load_base
+    from support.errors import UserError
+    from support.flags import Runtime
+
+    base = load_base(exports[0], Runtime(device="cpu"), torch.device("cpu"))
+    lm = aligner_lm(base, None, batch_size=2, max_length=8)
+    text = "the quick brown fox jumps over the lazy dog"
+    kept = base.tok.encode(text, bos=base.tok.add_bos)[-5:]  # 8 - 3 answer tokens
+    answer = base.tok.decode(list(generate(base.model, kept, None, Sampling(max_new_tokens=3, temperature=0),
+                                           base.tok.eos_id)))
+    assert lm.generate_until([Instance("generate_until", {}, (text, {"until": ["\0"], "max_gen_toks": 3}), 0)]) \
+        == [answer]
+    with pytest.raises(UserError, match="max_gen_toks 8 leaves no room"):
+        lm.generate_until([Instance("generate_until", {}, (text, {"until": ["\0"], "max_gen_toks": 8}), 0)])
+    with pytest.raises(UserError, match="does not fit --max-length 8"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("the", " quick brown fox jumps over the lazy dog"), 0)])
+
+
 @pytest.mark.parametrize("flags, words", [
+    (["--tasks", "aligner_mc,", "--limit", "2"], "an empty task name"),
+    (["--tasks", "aligner_mc", "--limit", "1e30"], "--limit 1e+30"),
+    (["--tasks", "aligner_mc", "--gen-kwargs", "garbage"], "give k=v pairs"),
     (["--tasks", "aligner_mc", "--limit", "1.5"], "--limit 1.5"),
     (["--tasks", "aligner_mc", "--log-samples"], "--output-path"),
     (["--tasks", "no_such_task"], "no lm-eval task named no_such_task"),

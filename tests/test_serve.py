@@ -80,7 +80,8 @@ def generate_answers(files, names, template_flags, tmp_path) -> dict:
     data.write_text(json.dumps([{"instruction": p} for p in PROMPTS]))
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "generate.py", *[x for n in names for x in ("--adapter", str(files[n]))], "--data",
-           str(data), "--out", str(out), "--temperature", "0", "--max-new-tokens", "12", *template_flags]
+           str(data), "--out", str(out), "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32",
+           *template_flags]  # the server's dtype: bfloat16 is generate.py's default where the CPU has it
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -217,6 +218,8 @@ def test_n_answers_a_prompt_list_and_logprobs_stream_and_chat(client):
     ({"model": "a1", "prompt": "x", "stream_options": "yes"}, 400, "'stream_options' must be an object"),
     ({"model": "a1", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
      400, "'response_format.type' must be text"),
+    ({"model": "a1", "prompt": "x", "response_format": {"type": "json_object"}}, 400,
+     "'response_format.type' must be text"),
     ({"model": "a1", "prompt": "x", "max_tokens": 2.5}, 400, "'max_tokens' must be a whole number"),
     ({"model": "a1", "prompt": "x", "n": True}, 400, "'n' must be a whole number"),
     ({"model": "a1", "prompt": "x", "stop": ["ok", "\udc00"]}, 400, "'stop' must be"),
