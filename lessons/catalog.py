@@ -78,7 +78,8 @@ LESSONS = [
               stub="if prefix is not None:  # Aligner: the shared tokens, a softmax of their own, the gate\n"
                    "    " + todo(3, "prefix keys/values, their own softmax, gated per head, added to y"))],
            ["zero_gates_add_nothing", "prefix_one_token", "prefix_several_tokens", "prefix_grouped_query",
-            "prefix_per_row", "prefix_with_cache", "prefix_in_bfloat16", "aligner_equals_peft"]),
+            "prefix_per_row", "prefix_with_cache", "prefix_in_bfloat16", "aligner_equals_peft",
+            "prefix_gradient"]),
     Lesson(4, "The Aligner module", "4-aligner-module.md", [
         Blank("aligner.py", "Aligner.__init__", start="n_gated = args.n_layers - start_layer",
               stub=todo(4, "self.tokens (N, D) or (L - s, N, D), N(0, 1); self.gates (L - s, H), zero")),
@@ -101,7 +102,8 @@ LESSONS = [
               stub=todo(7, "sum of log p(label) over the labelled tokens, (B,)")),
         Blank("dpo.py", "DPOLoss.__call__",
               stub=todo(7, "-logsigmoid(beta * margin), with the reference Aligner"))],
-           ["sequence_logprob_sums_each_row", "dpo_equals_the_formula", "dpo_keeps_one_base_model"]),
+           ["sequence_logprob_sums_each_row", "dpo_equals_the_formula", "dpo_reference_none_is_the_base",
+            "dpo_keeps_one_base_model"]),
 ]
 
 

@@ -8,7 +8,8 @@ formulas written out) and says pass, or the measured difference and the mistake 
 A lesson's graders run in the order lessons/catalog.py lists them, one property at a time (K = H
 before K < H, one token before three, each row of a batch, without a cache before with one, float32
 before bfloat16, one backward before an optimizer step), so the first FAIL names one cause; where a
-known mistake (lessons/mistakes.py) explains the measured difference, the message names it.
+known mistake (lessons/mistakes.py) explains the measured difference, the message names it. A FAIL
+after the first begins with AFTER: its explanation assumes that the checks above it passed.
 It runs with STUDENT_DIR first on the import path, so `import model` is the student's model.py.
 Each grader returns (passed, what was measured); a NotImplementedError is "not written yet".
 Not run on its own but by lessons.py. Read next: the lesson pages (lessons/1-attention.md ...).
@@ -230,11 +231,8 @@ def attention_grouped_query():
                                        "order")
 
 
-CAUSAL_CACHE = ("the whole sequence at once passes; one token at a time through the KV cache does not: "
-                "there are "
-                "s > t keys, every cached column, and the mask passed in (b, 1, 1, t, s) hides those not "
-                "written "
-                "yet: use it, not a mask built from t")
+CAUSAL_CACHE = ("with the KV cache there are s > t keys, every cached column, and the mask passed in "
+                "(b, 1, 1, t, s) hides those not written yet: use it, not a mask built from t")
 
 
 @torch.no_grad()
@@ -243,7 +241,8 @@ def attention_with_cache():
     """The model decoding one token at a time through the KV cache (t = 1 query, s keys) against the
     whole sequence at once (K < H, no Aligner)."""
     cached, full = REFERENCES.cached_and_full(random_model(2), ids(1, 12)[0].tolist())  # (T, vocab) each
-    return verdict(diff(cached, full), "logit (cached against full)", CAUSAL_CACHE, tol(full))
+    return verdict(diff(cached, full), "logit (cached against full)", "one token at a time through the "
+                   "KV cache does not give the whole sequence's logits: " + CAUSAL_CACHE, tol(full))
 
 
 def bf16_limit(want, depth=DEPTH) -> float:
@@ -531,9 +530,8 @@ def prefix_per_row():
                         "a shared prefix and one per row then take the same code path")
 
 
-PREFIX_CACHE = ("the whole sequence passes and decoding through the KV cache does not: with a cache, pk and "
-                "pv come "
-                "from cache.aligner_kv (new_cache computed them once), and the prefix is added at every step")
+PREFIX_CACHE = ("with a cache, pk and pv come from cache.aligner_kv (new_cache computed them once), and the "
+                "prefix is added at every step")
 
 
 @torch.no_grad()
@@ -544,7 +542,8 @@ def prefix_with_cache():
     model = random_model(2)
     a = nonzero_aligner(model.args, 3)
     cached, full = REFERENCES.cached_and_full(model, ids(1, 12)[0].tolist(), a)  # (T, vocab) each
-    return verdict(diff(cached, full), "logit (cached against full)", PREFIX_CACHE, tol(full))
+    return verdict(diff(cached, full), "logit (cached against full)", "decoding through the KV cache "
+                   "does not give the whole sequence's logits: " + PREFIX_CACHE, tol(full))
 
 
 @torch.no_grad()
@@ -586,6 +585,34 @@ def aligner_equals_peft():
     return True, f"N=1 and N=3: max |logit diff| {max(results):.1e} against PEFT"
 
 
+NO_GRADIENT = ("no torch.no_grad and no .detach() on the prefix path (prefix_kv, pk, pv, the gate): "
+               "training moves the Aligner only through this gradient")
+
+
+@explains("one backward through the layer with an Aligner prefix (tokens and gates requiring a gradient): "
+          + NO_GRADIENT)
+def prefix_gradient():
+    """One backward through a layer with an Aligner prefix (N = 3, K < H): the tokens' and the gates'
+    gradients against those of the formula written out (autograd through prefix_y)."""
+    layer, x, tokens, gates = prefix_inputs(2, 3, 1)
+    tokens, gates = tokens[0].requires_grad_(), gates[0].requires_grad_()  # (N, D), (H,)
+    weights = torch.randn(2, 9, SMALL["dim"], generator=torch.Generator().manual_seed(5))  # (B, T, D)
+    got, cos_sin = layer_run(layer, x, (tokens, gates))  # (B, T, D)
+    if not got.requires_grad:
+        return False, f"the Aligner's tokens and gates get no gradient (the output has none): {NO_GRADIENT}"
+    mine = torch.autograd.grad((got * weights).sum(), (tokens, gates), allow_unused=True)
+    lost = [name for name, g in zip(("tokens", "gates"), mine) if g is None or not g.abs().sum() > 0]
+    if lost:
+        return False, f"the Aligner's {' and '.join(lost)} get no gradient: {NO_GRADIENT}"
+    q, k, v = heads(layer, x, cos_sin)
+    want = layer.wo(causal_y(q, k, v) + prefix_y(layer, q, tokens[None], gates[None]))  # (B, T, D)
+    theirs = torch.autograd.grad((want * weights).sum(), (tokens, gates))
+    # a gradient sums over every position and row, then back through wk, wv (D) and the scores
+    d = max(diff(g, r) / tol(r, 2 * 9 * SMALL["dim"], 2) for g, r in zip(mine, theirs))
+    return verdict(d, "tokens' and gates' gradient (in tolerances)", "the gradient is not the formula's: "
+                   "nothing on the prefix path may be detached, rounded or computed twice", 1.0)
+
+
 def parameter_shapes(a) -> str:
     return ", ".join(f"{name} {tuple(p.shape)}" for name, p in a.named_parameters())
 
@@ -624,6 +651,24 @@ def aligner_parameters():
     return True, "5,056 and 41,920 parameters on LLaMA-2-7B; per-layer shapes; zero gates, N(0, 1) tokens"
 
 
+def tokens_fault(a, layer: int, tokens, per_layer: bool) -> str:
+    """What is wrong with the tokens a.prefix(layer) gave (layer >= start_layer), or ""."""
+    i = layer - a.start_layer
+    want = a.tokens[i] if per_layer else a.tokens  # (N, D)
+    rows = a.tokens if per_layer else []
+    other = next((j for j in range(len(rows)) if j != i and torch.equal(tokens, rows[j])), None)
+    if other is not None:
+        return (f"per_layer=True: prefix({layer}) gives tokens[{other}], another layer's row (the shape is "
+                f"right, the values are not): expected tokens[{i}], the row of layer l is tokens[l - "
+                "start_layer]")
+    if tuple(tokens.shape) != tuple(want.shape) or not torch.equal(tokens, want):
+        return (f"{'per_layer=True' if per_layer else 'shared tokens'}: prefix({layer}) gives tokens "
+                f"{tuple(tokens.shape)}, expected (N, D) = {tuple(want.shape)}: " +
+                ("tokens[layer - start_layer]" if per_layer else "the shared tokens, the same in every "
+                                                                 "layer"))
+    return ""
+
+
 def prefix_fault(a, layer: int, per_layer: bool) -> str:
     """What is wrong with a.prefix(layer), or ""."""
     p, s = a.prefix(layer), a.start_layer
@@ -633,12 +678,9 @@ def prefix_fault(a, layer: int, per_layer: bool) -> str:
         return f"prefix({layer}) is None: the first gated layer is start_layer ({s}) itself (layer >= s)"
     tokens, gate = p
     i = layer - s
-    want = a.tokens[i] if per_layer else a.tokens  # (N, D)
-    if tuple(tokens.shape) != tuple(want.shape) or not torch.equal(tokens, want):
-        return (f"{'per_layer=True' if per_layer else 'shared tokens'}: prefix({layer}) gives tokens "
-                f"{tuple(tokens.shape)}, expected (N, D) = {tuple(want.shape)}: " +
-                ("tokens[layer - start_layer]" if per_layer else "the shared tokens, the same in every "
-                                                                 "layer"))
+    fault = tokens_fault(a, layer, tokens, per_layer)
+    if fault:
+        return fault
     if torch.equal(gate, torch.tanh(a.gates[i])):
         return f"prefix({layer}) gives tanh of the gate: the Aligner uses its gates raw"
     if not torch.equal(gate, a.gates[i]):
@@ -659,14 +701,18 @@ def aligner_prefix():
     from aligner import Aligner
     from model import ModelArgs
 
-    for per_layer in (False, True):
+    for start, per_layer in ((2, False), (2, True), (0, False), (3, True)):
         torch.manual_seed(0)
-        a = Aligner(ModelArgs(dim=64, n_layers=6, n_heads=4), 3, start_layer=2, per_layer=per_layer)
+        a = Aligner(ModelArgs(dim=64, n_layers=6, n_heads=4), 3, start_layer=start, per_layer=per_layer)
         a.gates.normal_()
         fault = next((f for f in (prefix_fault(a, layer, per_layer) for layer in range(6)) if f), "")
+        if fault and start != 2:
+            return False, (f"start_layer {start} (start_layer 2 passed): {fault}: the start layer is "
+                           "self.start_layer, not a number written in the code")
         if fault:
             return False, fault
-    return True, "None below start_layer; the tokens (shared, or per layer) and gates[l - s] from it on"
+    return True, ("None below start_layer (2, 0 and 3); the tokens (shared, or per layer) and gates[l - s] "
+                  "from it on")
 
 
 def official_files_load_and_run():
@@ -976,8 +1022,11 @@ def dpo_fault(got: float, lp: list, limit: float) -> str:
     """The known mistake whose loss is `got`, from the four log-probabilities per pair, or ""."""
     pc, pr, rc, rr = lp
 
-    def loss(beta=0.1, swap=False, ref=True):
+    def loss(beta=0.1, swap=False, ref=True, interleaved=False):
         c, r, rc_, rr_ = (pr, pc, rr, rc) if swap else (pc, pr, rc, rr)
+        if interleaved:  # rows 0, 2, ... against rows 1, 3, ... of [chosen..., rejected...]
+            p_, r_ = torch.cat([pc, pr]), torch.cat([rc, rr])  # (2B,) each
+            c, r, rc_, rr_ = p_[0::2], p_[1::2], r_[0::2], r_[1::2]
         margin = (c - r) - ((rc_ - rr_) if ref else 0)
         return -F.logsigmoid(beta * margin).mean().item()
 
@@ -986,10 +1035,32 @@ def dpo_fault(got: float, lp: list, limit: float) -> str:
               "first, then the B rejected"),
              (loss(beta=1.0), "beta is left out: -logsigmoid(beta * margin)"),
              (loss(ref=False), "the margin has no reference term: subtract the reference's (ref_c - ref_r)"),
-             (math.log(2), "the loss is log 2: the reference log-probabilities come from the policy itself "
-              "(self.reference is the reference Aligner)"),
-             (-loss(), "the sign: the loss is -logsigmoid(beta * margin), which falls as the margin grows")]
+             (-loss(), "the sign: the loss is -logsigmoid(beta * margin), which falls as the margin grows"),
+             (2 * loss(), "the loss is twice the expected one, a sum over the pairs: it is their mean"),
+             (0.1 * loss(beta=1.0), "beta multiplies logsigmoid's result: it multiplies the margin inside, "
+              "-logsigmoid(beta * margin)"),
+             (-0.1 * loss(beta=1.0), "the sign, and beta outside logsigmoid: -logsigmoid(beta * margin)"),
+             (-loss(swap=True), "the sign is inside logsigmoid: the loss is -logsigmoid(beta * margin)"),
+             (loss(interleaved=True), "the pairs are read interleaved (rows 0, 2, ... against 1, 3, ...): a "
+              "batch of collate_pairs holds the B chosen rows first, then the B rejected: [:b] against [b:]")]
+    # the policy as its own reference: every margin exactly 0 (the same sums twice), a loss of log 2 up
+    # to the rounding of logsigmoid alone (a margin off by a little stays inside the limit above)
+    if abs(got - math.log(2)) <= tol(None, 2, 2, magnitude=math.log(2)):
+        return ("the loss is log 2: the reference log-probabilities come from the policy itself "
+                "(self.reference is the reference Aligner)")
     return next((why for value, why in known if abs(got - value) <= limit), "")
+
+
+def dpo_formula(ours, policy, reference, batch, beta=0.1):
+    """(-logsigmoid(beta * margin) averaged over the pairs, written out; the four log-probabilities per
+    pair [pi_c, pi_r, ref_c, ref_r], (2,) each; the tolerance): reference None is the base model."""
+    lp = [torch.stack([direct_logprob(ours, m, batch.ids[i], batch.labels[i]) for i in rows])  # (2,) each
+          for m in (policy, reference) for rows in ((0, 1), (2, 3))]
+    want = -F.logsigmoid(beta * ((lp[0] - lp[1]) - (lp[2] - lp[3]))).mean().item()
+    # beta times a difference of four log-probabilities, each a sum through the model (as
+    # sequence_logprob_sums_each_row's tolerance); |d logsigmoid| <= 1, so the loss moves at most that
+    limit = tol(None, 320, DEPTH + 1, magnitude=beta * 4 * max(v.abs().max().item() for v in lp))
+    return want, lp, limit
 
 
 @torch.no_grad()
@@ -1000,14 +1071,12 @@ def dpo_equals_the_formula():
     from dpo import DPOLoss
 
     _, ours = tiny_pair()
-    policy, reference = nonzero_aligner(ours.args, 2, seed=1), nonzero_aligner(ours.args, 2, seed=2)
+    # seeds whose margins differ from pair to pair: pairs read interleaved (rows 0, 2 and 1, 3) move the
+    # loss some 17 times the tolerance (seeds 1, 2 gave margins so alike that they stayed inside it)
+    policy, reference = nonzero_aligner(ours.args, 2, seed=4), nonzero_aligner(ours.args, 2, seed=5)
     batch = pairs_batch()  # chosen rows 0, 1; rejected rows 2, 3
     got = DPOLoss(reference, 0.1)(ours, policy, batch)[0].item()
-    lp = [torch.stack([direct_logprob(ours, m, batch.ids[i], batch.labels[i]) for i in rows])  # (2,) each
-          for m in (policy, reference) for rows in ((0, 1), (2, 3))]
-    want = -F.logsigmoid(0.1 * ((lp[0] - lp[1]) - (lp[2] - lp[3]))).mean().item()
-    # beta times a difference of four log-probabilities: their size sets the rounding
-    limit = tol(None, 320, DEPTH + 1, magnitude=0.1 * 4 * max(v.abs().max().item() for v in lp))
+    want, lp, limit = dpo_formula(ours, policy, reference, batch)
     if abs(got - want) > limit:
         why = dpo_fault(got, lp, limit) or ("log-probabilities summed over the response tokens of each "
                                             "sequence "
@@ -1018,6 +1087,28 @@ def dpo_equals_the_formula():
     return verdict(abs(same.item() - math.log(2)), "loss - log 2 (policy = reference)",
                    "with the policy equal to the reference every margin is 0 and the loss log 2",
                    tol(None, 2, 2, magnitude=math.log(2)))
+
+
+@torch.no_grad()
+@explains("DPOLoss(None, beta) (train.py --dpo without --init): the reference is the base model, "
+          "sequence_logprob(model, None, ...)")
+def dpo_reference_none_is_the_base():
+    """DPOLoss(None, 0.1), as train.py --dpo without --init builds it: the reference log-probabilities
+    are the base model's (no Aligner), against the formula written out with them."""
+    from dpo import DPOLoss
+
+    _, ours = tiny_pair()
+    policy, batch = nonzero_aligner(ours.args, 2, seed=4), pairs_batch()
+    got = DPOLoss(None, 0.1)(ours, policy, batch)[0].item()
+    want, _, limit = dpo_formula(ours, policy, None, batch)
+    if abs(got - want) <= limit:
+        return True, f"reference None: |loss diff| {abs(got - want):.1e} (tolerance {limit:.1e})"
+    log2 = abs(got - math.log(2)) <= tol(None, 2, 2, magnitude=math.log(2))  # the policy as reference
+    why = ("the loss is log 2: with reference None the reference log-probabilities came from the policy: "
+           "None is the base model without an Aligner, sequence_logprob(model, None, ids, labels)"
+           if log2 else "with reference None the reference is the base model, "
+           "sequence_logprob(model, None, ids, labels): neither the policy nor a new Aligner")
+    return False, f"reference None: loss {got:.6g}, expected {want:.6g}: {why}"
 
 
 def dpo_keeps_one_base_model():
@@ -1059,6 +1150,10 @@ def grade(name: str):
         return False, f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"
 
 
+AFTER = ("(after an earlier FAIL: what follows assumes the checks above passed, and one did not: fix "
+         "the first FAIL first) ")
+
+
 def main(student: str, names: list) -> int:
     """Run the graders on the student's folder; print a line each; the number that failed."""
     sys.path.insert(0, str(Path(student).resolve()))
@@ -1066,6 +1161,8 @@ def main(student: str, names: list) -> int:
     failed = 0
     for name in names:
         ok, detail = grade(name)
+        if not ok and failed and not detail.startswith("not written yet"):
+            detail = f"{AFTER}{detail}"
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
     return failed

@@ -171,6 +171,26 @@ def lesson3() -> list:
                 "prefix_in_bfloat16", "bfloat16"),
         Mistake(3, "prefix weights left in float32", "model.py", [(att, att.replace(".type_as(xq)", ""))],
                 "prefix_in_bfloat16", "bfloat16"),
+    ] + lesson3_gradient()
+
+
+def lesson3_gradient() -> list:
+    """Wrong answers whose outputs are right and whose Aligner gets no gradient: training does nothing."""
+    kv = "pk, pv = self.prefix_kv(tokens, x.dtype) if cache is None else cache.aligner_kv"
+    gate = "gate.to(y.dtype).expand(b, self.n_heads).view(b, 1, k_heads, g, 1) * py"
+    body = ["pk, pv = self.prefix_kv", "pk, pv = pk.expand", "p_scores = ", "p_att = ", "py = ", "y = y + "]
+    no_grad = [("\n" + I12 + "tokens, gate = prefix", "\n" + I12 + "with torch.no_grad():\n" + I12 +
+                "    tokens, gate = prefix")]
+    no_grad += [("\n" + I12 + start, "\n" + I12 + "    " + start) for start in body]  # the block indented
+    return [
+        Mistake(3, "the prefix computed under torch.no_grad", "model.py", no_grad,
+                "prefix_gradient", "tokens and gates get no gradient"),
+        Mistake(3, "the prefix keys and values detached", "model.py",
+                [(kv, kv.replace("pk, pv = self.prefix_kv(tokens, x.dtype)",
+                                 "pk, pv = [u.detach() for u in self.prefix_kv(tokens, x.dtype)]"))],
+                "prefix_gradient", "tokens get no gradient: no torch.no_grad"),
+        Mistake(3, "the gate detached", "model.py", [(gate, gate.replace("gate.to(", "gate.detach().to("))],
+                "prefix_gradient", "gates get no gradient"),
     ]
 
 
@@ -206,6 +226,13 @@ def lesson4() -> list:
         Mistake(4, "per-layer variant ignored", "aligner.py",
                 [("tokens = self.tokens[i] if self.per_layer else self.tokens", "tokens = self.tokens")],
                 "aligner_prefix", "tokens[layer - start_layer]"),
+        Mistake(4, "start layer written as 2", "aligner.py",
+                [("if layer < self.start_layer:", "if layer < 2:"),
+                 ("i = layer - self.start_layer", "i = layer - 2")], "aligner_prefix", "start_layer 0"),
+        Mistake(4, "per-layer tokens indexed by the layer", "aligner.py",
+                [("tokens = self.tokens[i] if self.per_layer",
+                  "tokens = self.tokens[layer] if self.per_layer")],
+                "aligner_prefix", "another layer's row"),
         Mistake(4, "tanh on the gate", "aligner.py",
                 [("return tokens, self.gates[i]", "return tokens, torch.tanh(self.gates[i])")],
                     "aligner_prefix", "raw"),
@@ -275,6 +302,7 @@ def lesson6() -> list:
 def lesson7() -> list:
     margin = "margin = (policy[:b] - policy[b:]) - (ref[:b] - ref[b:])"
     loss = "-F.logsigmoid(self.beta * margin).mean()"
+    refline = "ref = sequence_logprob(model, self.reference, ids, labels)"
     return [
         Mistake(7, "a mean per row, not a sum", "dpo.py", [(".sum(-1)  # (B,)", ".sum(-1) / keep.sum(-1)  # "
                                                                                 "(B,)")],
@@ -298,6 +326,20 @@ def lesson7() -> list:
                                            "batch.ids, batch.labels")],
                 "dpo_equals_the_formula", "t + 1"),
         Mistake(7, "the sign", "dpo.py", [(loss, loss[1:])], "dpo_equals_the_formula", "the sign"),
+        Mistake(7, "pairs read interleaved", "dpo.py",
+                [(margin, "margin = (policy[0::2] - policy[1::2]) - (ref[0::2] - ref[1::2])")],
+                "dpo_equals_the_formula", "interleaved"),
+        Mistake(7, "a sum over the pairs, not a mean", "dpo.py", [(loss, loss.replace(".mean()", ".sum()"))],
+                "dpo_equals_the_formula", "sum over the pairs"),
+        Mistake(7, "beta outside logsigmoid", "dpo.py",
+                [(loss, "-self.beta * F.logsigmoid(margin).mean()")], "dpo_equals_the_formula",
+                "beta multiplies logsigmoid's result"),
+        Mistake(7, "reference None: the policy's log-probabilities", "dpo.py",
+                [(refline, refline + " if self.reference is not None else policy.detach()")],
+                "dpo_reference_none_is_the_base", "reference None"),
+        Mistake(7, "reference None: the policy's Aligner", "dpo.py",
+                [(refline, refline.replace("self.reference,", "self.reference or aligner,"))],
+                "dpo_reference_none_is_the_base", "None is the base model"),
     ]
 
 
