@@ -268,7 +268,8 @@ def interval_table(res: Results, sizes: dict) -> list:
     lines = ["| method | form compliance | reusing a template | new | knowledge held-out | training recall |",
              "|---|---|---|---|---|---|"]
     for method, n in res.methods:
-        texts = [ci_text(*hits(res.main(t, method, n), f, sizes[t][f])) for t, f in columns]
+        texts = [ci_text(*hits(res.main(t, method, n), f, sizes[t][f])) if f in sizes[t] else "-"
+                 for t, f in columns]  # "-": a group no probe of this run falls in (--quick keeps 2)
         lines.append(f"| {NAMES[method].format(n)} | " + " | ".join(texts) + " |")
     return lines
 
@@ -293,7 +294,7 @@ def named_table(res: Results, sizes: dict) -> list:
     for label, task, a, b, field, step in NAMED:
         fields = field if isinstance(field, tuple) else (field, field)
         rows = [named_rows(res, task, who, step) for who in (a, b)]
-        if not all(rows):
+        if not all(rows) or not all(f in sizes[task] for f in fields):
             continue
         (k1, n1), (k2, n2) = (hits(r, f, sizes[task][f], step) for r, f in zip(rows, fields))
         low, high = newcombe(k1, n1, k2, n2)

@@ -22,7 +22,9 @@ from make_form_data import follows_form, letter, reuses_template  # noqa: E402
 
 def run_quick(out, *flags):
     command = [sys.executable, "experiments/form_vs_knowledge.py", "--quick", "--out", str(out), *flags]
-    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # a bound against a hang, not a speed check: ~70 s quiet, and 2-thread cells slow down many times
+    # over when other work holds the cores (OpenMP regions wait for both)
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
