@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import ROOT
 from test_model import nonzero_aligner
+from test_serve import free_port
 
 from generate import Sampling
 from support.adapter_file import column, save_aligner
@@ -151,12 +152,6 @@ def test_a_client_that_takes_nothing_is_cut_and_one_that_reads_is_not(engine_par
 
 
 # ---- a real server -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def long_tiny(tmp_path_factory):
     """The tiny model with a context of 2,048: answers long enough to fill a socket's buffers."""
