@@ -435,28 +435,30 @@ def best_lr(cfg: ExperimentConfig, done: dict, task: str, method: Method, by="lo
 
 
 def followup_cells(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
-    """Phase 2, at each method's best learning rate: the other seeds, the knowledge curve (seed 1),
-    and the start-layer sweep of the one-token form Aligner (every seed)."""
+    """Phase 2, at each method's chosen learning rates, in the order the design cuts from the end: the
+    knowledge curves at the loss rule (every method at seed 1, then 2, then 3), the main table's other
+    seeds, the start-layer sweep of the one-token form Aligner, then the curves at the accuracy rule
+    where it picks another rate (seed 1 before seeds 2 and 3)."""
     curve = [cfg.knowledge_steps * 2 ** i for i in range(10)
              if cfg.knowledge_steps * 2 ** i <= cfg.curve_steps]  # 50, 100, 200, 400
-    todo = []
-    for task in ("form", "knowledge"):
-        for m in METHODS:
-            lr = best_lr(cfg, done, task, m)
-            if lr is None:  # no grid cell of it done yet
-                continue
-            todo += [make_cell(cfg, task, m, lr, seed, [budget(cfg, task)])
-                     for seed in range(2, cfg.seeds + 1)]
-            if task == "knowledge" and len(curve) > 1:  # at the lr of each rule, every seed
-                lrs = dict.fromkeys([lr, best_lr(cfg, done, task, m, by="accuracy")])
-                todo += [make_cell(cfg, task, m, x, seed, curve)
-                         for x in lrs for seed in range(1, cfg.seeds + 1)]
+    seeds = list(range(1, cfg.seeds + 1))
+    chosen = {(task, m): best_lr(cfg, done, task, m) for task in ("form", "knowledge") for m in METHODS}
+    chosen = {pair: lr for pair, lr in chosen.items() if lr is not None}  # no grid cell of it done yet
+    by_loss = {m: lr for (task, m), lr in chosen.items() if task == "knowledge"}
+    by_accuracy = {m: best_lr(cfg, done, "knowledge", m, by="accuracy") for m in by_loss}
+    by_accuracy = {m: lr for m, lr in by_accuracy.items() if lr != by_loss[m]}
+
+    def curves(lrs: dict, which: list) -> list:
+        return [make_cell(cfg, "knowledge", m, lr, seed, curve) for seed in which for m, lr in lrs.items()
+                ] if len(curve) > 1 else []
+
+    todo = curves(by_loss, seeds) + [make_cell(cfg, task, m, lr, seed, [budget(cfg, task)])
+                                     for (task, m), lr in chosen.items() for seed in seeds[1:]]
     one, starts = Method("aligner", 1), [0, n_layers - 1] if cfg.quick else [0, 4, 8, 16, n_layers - 1]
-    lr = best_lr(cfg, done, "form", one)
-    if lr is None:
-        return todo
-    return todo + [make_cell(cfg, "form", one, lr, seed, [cfg.form_steps], start)
-                   for start in starts for seed in range(1, cfg.seeds + 1)]
+    if ("form", one) in chosen:
+        todo += [make_cell(cfg, "form", one, chosen["form", one], seed, [cfg.form_steps], start)
+                 for start in starts for seed in seeds]
+    return todo + curves(by_accuracy, seeds[:1]) + curves(by_accuracy, seeds[1:])
 
 
 def design_cells(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
