@@ -10,13 +10,12 @@ the prompt (unless full_text): the loss is on the response only. With a chat tem
 conversations (support/chat.py), every assistant turn labelled.
 Read next: generate.py (decoding), then train.py.
 """
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from support.errors import UserError
-from support.inputs import read_records, text_lines
+from support.inputs import read_records
 
 IGNORE = -100  # label of a token that the loss skips (prompt and padding)
 
@@ -46,8 +45,6 @@ class Prompt(NamedTuple):
 def read_prompts(path) -> list:
     """The Prompts of a file to answer: instruction records (JSON or JSONL), or a .txt file with one
     instruction per line."""
-    if Path(path).suffix == ".txt":
-        return [Prompt(line) for line in text_lines(path)]
     return [Prompt(r["instruction"], r.get("input", "")) for r in read_records(path, ("instruction",))]
 
 

@@ -135,7 +135,7 @@ def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     if cfg.out:  # before any work: --out and its metrics file may cost the user no file
         check_outputs([cfg.out, metrics_path(cfg)], [cfg.data, cfg.init], cfg.model)
     torch.manual_seed(cfg.seed)
-    ranks = parallel.setup(runtime.pick_device(), cfg.shard)
+    ranks = parallel.Ranks.join(runtime.pick_device(), cfg.shard)
     if cfg.batch_size % (cfg.micro_batch_size * ranks.world):  # the config checked it for one process
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
                         f"{cfg.micro_batch_size} times the {ranks.world} process(es)")

@@ -172,26 +172,33 @@ def selection_table(res: Results) -> list:
 
 
 def curves(res: Results) -> list:
-    """[(method, n, lr, [{step, recall, score, val_loss}])] of the knowledge learning curves."""
+    """[(method, n, lr, rows)] of the knowledge learning curves at the learning rate the validation loss
+    chose (every seed run there; before any is, the curves at another rate), seed 1 first."""
     out = []
     for method, n in res.methods:
-        rows = res.cells("knowledge", method, n, seed=1, curve=True) or res.cells("knowledge", method, n,
-                                                                                curve=True)
+        rows = (res.cells("knowledge", method, n, res.best_lr("knowledge", method, n), curve=True)
+                or res.cells("knowledge", method, n, curve=True))
+        rows = sorted((r for r in rows if r["lr"] == rows[0]["lr"]), key=lambda r: r["seed"])
         if rows:
-            out.append((method, n, rows[0]["lr"], rows[0]["at"]))
+            out.append((method, n, rows[0]["lr"], rows))
     return out
+
+
+def mean_at(rows: list, field: str, i: int) -> float:
+    """The mean over seeds of `field` at the i-th checkpoint."""
+    return sum(r["at"][i][field] for r in rows) / len(rows)
 
 
 def curve_table(res: Results) -> list:
     found = curves(res)
     if not found:
         return ["(no curve: the run had one knowledge checkpoint)"]
-    steps = [a["step"] for a in found[0][3]]
-    lines = ["| method | lr | " + " | ".join(f"step {s}: recall / held-out / val loss" for s in steps) + " |",
-             "|---|---|" + "---|" * len(steps)]
-    lines += [f"| {NAMES[m].format(n)} | {lr:g} | " + " | ".join(
-        f"{100 * a['recall']:.0f}% / {100 * a['score']:.0f}% / {a['val_loss']:.2f}" for a in points) + " |"
-        for m, n, lr, points in found]
+    steps = [a["step"] for a in found[0][3][0]["at"]]
+    lines = ["| method | lr | seeds | " + " | ".join(f"step {s}: recall / held-out / val loss" for s in steps)
+             + " |", "|---|---|---|" + "---|" * len(steps)]
+    lines += [f"| {NAMES[m].format(n)} | {lr:g} | {len(rows)} | " + " | ".join(
+        f"{100 * mean_at(rows, 'recall', i):.0f}% / {100 * mean_at(rows, 'score', i):.0f}% / "
+        f"{mean_at(rows, 'val_loss', i):.2f}" for i in range(len(steps))) + " |" for m, n, lr, rows in found]
     return lines
 
 
@@ -257,7 +264,8 @@ def named_rows(res: Results, task: str, who: tuple, step) -> list:
         return res.cells(task, "aligner", 1, res.best_lr(task, "aligner", 1), start=who[1])
     if step is None:
         return res.main(task, *who)
-    return [r for r in res.cells(task, *who, seed=1, curve=True) if any(a["step"] == step for a in r["at"])]
+    rows = next((rows for m, n, _, rows in curves(res) if (m, n) == who), [])
+    return [r for r in rows if any(a["step"] == step for a in r["at"])]
 
 
 def interval_table(res: Results, sizes: dict) -> list:
@@ -275,13 +283,15 @@ def interval_table(res: Results, sizes: dict) -> list:
 
 
 def curve_interval_table(res: Results, sizes: dict) -> list:
-    """The knowledge curves (seed 1): hits / questions at each checkpoint, with Wilson 95% intervals."""
+    """The knowledge curves: hits / questions at each checkpoint, the seeds pooled, with Wilson 95%
+    intervals."""
     held, recall = sizes["knowledge"]["score"], sizes["knowledge"]["recall"]
-    lines = ["| method | lr | step | held-out (32) | training recall (64) |", "|---|---|---|---|---|"]
-    for m, n, lr, points in curves(res):
-        lines += [f"| {NAMES[m].format(n)} | {lr:g} | {a['step']} | "
-                  f"{ci_text(round(a['score'] * held), held)} | "
-                  f"{ci_text(round(a['recall'] * recall), recall)} |" for a in points]
+    lines = ["| method | lr | seeds | step | held-out (32 a seed) | training recall (64 a seed) |",
+             "|---|---|---|---|---|---|"]
+    for m, n, lr, rows in curves(res):
+        lines += [f"| {NAMES[m].format(n)} | {lr:g} | {len(rows)} | {a['step']} | "
+                  f"{ci_text(*hits(rows, 'score', held, a['step']))} | "
+                  f"{ci_text(*hits(rows, 'recall', recall, a['step']))} |" for a in rows[0]["at"]]
     return lines
 
 
@@ -356,7 +366,8 @@ def sizes_of(info: dict) -> dict:
 def intervals_text(res: Results, sizes: dict) -> list:
     return ["## Intervals: hits / questions, Wilson 95% (each method at its best lr, seeds pooled)",
             "", *interval_table(res, sizes), "",
-            "## Intervals on the knowledge curves (seed 1: one run each, so no seed spread is in them)", "",
+            "## Intervals on the knowledge curves (the seeds run so far pooled: the interval is over the "
+            "questions; the seed-to-seed spread is not in it)", "",
             *curve_interval_table(res, sizes), "",
             "## Named differences, Newcombe 95% intervals (the questions of every seed pooled)", "",
             *named_table(res, sizes), "",
@@ -383,7 +394,8 @@ def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, atte
             "## The learning-rate grid (seed 1; the best in bold)", "", *grid_table(res), "",
             "## Knowledge: the learning rate by validation loss (used) and by validation accuracy (seed 1)",
             "", *selection_table(res), "",
-            "## Knowledge learning curves (seed 1, at the best learning rate at the main budget)", "",
+            "## Knowledge learning curves (the mean over the seeds run so far, at the learning rate the "
+            "validation loss chose at the main budget)", "",
             *curve_table(res), "", "## Start layer of the one-token Aligner (form task)", "",
             *sweep_table(res, n_layers), "",
             "## The trained one-token form Aligner per layer (start layer 2, SmolLM2, form task)", "",
@@ -398,7 +410,8 @@ def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, atte
                          "lr": res.best_lr(t, m, n), "seeds": len(res.main(t, m, n)),
                          **{f: spread([at(r).get(f) for r in res.main(t, m, n)]) for f in FIELDS}}
                         for t in ("form", "knowledge") for m, n in res.methods],
-               "curves": [{"method": m, "n": n, "lr": lr, "at": points} for m, n, lr, points in curves(res)]}
+               "curves": [{"method": m, "n": n, "lr": lr, "seeds": [r["seed"] for r in rows],
+                           "at": [r["at"] for r in rows]} for m, n, lr, rows in curves(res)]}
     atomic_write(out / "results.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
     print("\n".join(text))
     plot(res, layers, out, info)
@@ -451,8 +464,7 @@ def plot_curves(plt, res: Results, out: Path, info: dict):
     sizes, chance = sizes_of(info)["knowledge"], info["chance"]
     for ax, field, title in ((axes[0], "recall", "training questions (fit)"),
                              (axes[1], "score", "held-out paraphrases (transfer)")):
-        for m, n, lr, _ in curves(res):
-            rows = res.cells("knowledge", m, n, lr=lr, curve=True)
+        for m, n, lr, rows in curves(res):
             steps, mean, low, high = curve_band(rows, field, sizes[field])
             line = ax.plot(steps, mean, "o-", label=f"{NAMES[m].format(n)} ({len(rows)} seed"
                            f"{'s' if len(rows) > 1 else ''})")[0]

@@ -434,6 +434,16 @@ def best_lr(cfg: ExperimentConfig, done: dict, task: str, method: Method, by="lo
     return min(points, key=lambda lr: (-points[lr].get("val_score", 0.0), points[lr]["val_loss"]))
 
 
+def chosen_rates(cfg: ExperimentConfig, done: dict) -> tuple:
+    """({(task, method): lr by validation loss}, {method: that lr on knowledge}, {method: the lr by
+    validation accuracy on knowledge, where it is another}), for the methods with a grid cell done."""
+    chosen = {(task, m): best_lr(cfg, done, task, m) for task in ("form", "knowledge") for m in METHODS}
+    chosen = {pair: lr for pair, lr in chosen.items() if lr is not None}
+    by_loss = {m: lr for (task, m), lr in chosen.items() if task == "knowledge"}
+    by_accuracy = {m: best_lr(cfg, done, "knowledge", m, by="accuracy") for m in by_loss}
+    return chosen, by_loss, {m: lr for m, lr in by_accuracy.items() if lr != by_loss[m]}
+
+
 def followup_cells(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
     """Phase 2, at each method's chosen learning rates, in the order the design cuts from the end: the
     knowledge curves at the loss rule (every method at seed 1, then 2, then 3), the main table's other
@@ -442,11 +452,7 @@ def followup_cells(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
     curve = [cfg.knowledge_steps * 2 ** i for i in range(10)
              if cfg.knowledge_steps * 2 ** i <= cfg.curve_steps]  # 50, 100, 200, 400
     seeds = list(range(1, cfg.seeds + 1))
-    chosen = {(task, m): best_lr(cfg, done, task, m) for task in ("form", "knowledge") for m in METHODS}
-    chosen = {pair: lr for pair, lr in chosen.items() if lr is not None}  # no grid cell of it done yet
-    by_loss = {m: lr for (task, m), lr in chosen.items() if task == "knowledge"}
-    by_accuracy = {m: best_lr(cfg, done, "knowledge", m, by="accuracy") for m in by_loss}
-    by_accuracy = {m: lr for m, lr in by_accuracy.items() if lr != by_loss[m]}
+    chosen, by_loss, by_accuracy = chosen_rates(cfg, done)
 
     def curves(lrs: dict, which: list) -> list:
         return [make_cell(cfg, "knowledge", m, lr, seed, curve) for seed in which for m, lr in lrs.items()

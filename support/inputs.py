@@ -130,10 +130,19 @@ def prompt_lines(given=None):
         yield text
 
 
+def prompt_records(path: Path, fields) -> list:
+    """The lines of a .txt file of prompts, each an {"instruction": line}."""
+    if tuple(fields) != ("instruction",):
+        raise UserError(f"{path}: a .txt file holds prompts only, one a line; give records with "
+                        f"{', '.join(fields)} as JSON or JSONL")
+    return [{"instruction": line} for line in text_lines(path)]
+
+
 def read_records(path, fields, optional=("input",)) -> list:
-    """A non-empty list of dicts whose `fields` (and `optional` fields, where present) are strings."""
+    """A non-empty list of dicts whose `fields` (and `optional` fields, where present) are strings; a .txt
+    file is a list of prompts, its non-empty lines, each an {"instruction": line}."""
     path = Path(path)
-    records = read_json(path)
+    records = prompt_records(path, fields) if path.suffix == ".txt" else read_json(path)
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a list of records, found a {type(records).__name__}")
     if not records:

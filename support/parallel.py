@@ -25,6 +25,30 @@ class Ranks:
     world: int  # how many processes
     device: torch.device
 
+    @classmethod
+    def join(cls, device: torch.device, shard: bool) -> "Ranks":
+        """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+        world_text = os.environ.get("WORLD_SIZE", "1")
+        if not world_text.isdigit() or int(world_text) < 1:
+            raise UserError(f"WORLD_SIZE={world_text!r} is not a number of processes: unset it, or start "
+                            f"with torchrun")
+        world = int(world_text)
+        missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if world > 1 and missing:
+            raise UserError(f"WORLD_SIZE={world} is set, but not {', '.join(missing)}: start several "
+                            f"processes with torchrun --nproc_per_node {world} train.py ..., or unset "
+                            f"WORLD_SIZE")
+        if world == 1:
+            if shard:
+                raise UserError("--shard splits the model across processes: start with torchrun "
+                                "--nproc_per_node K")
+            return cls(0, 1, device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world, device)
+
     def shard(self, model):
         """FSDP2: each rank keeps 1/world of every layer, gathered just in time."""
         from torch.distributed.fsdp import fully_shard
@@ -50,27 +74,3 @@ class Ranks:
     def finish(self):
         if self.world > 1:
             dist.destroy_process_group()
-
-
-def setup(device: torch.device, shard: bool) -> Ranks:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    world_text = os.environ.get("WORLD_SIZE", "1")
-    if not world_text.isdigit() or int(world_text) < 1:
-        raise UserError(f"WORLD_SIZE={world_text!r} is not a number of processes: unset it, or start "
-                        f"with torchrun")
-    world = int(world_text)
-    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-    if world > 1 and missing:
-        raise UserError(f"WORLD_SIZE={world} is set, but not {', '.join(missing)}: start several processes "
-                        f"with torchrun --nproc_per_node {world} train.py ..., or unset WORLD_SIZE")
-    if world == 1:
-        if shard:
-            raise UserError("--shard splits the model across processes: start with torchrun "
-                            "--nproc_per_node K")
-        return Ranks(0, 1, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), world, device)
-
