@@ -141,7 +141,7 @@ class Runner:
             views.append(view)
         return self.model.new_cache(1, self.context, batcher, reuse=type(self.cache)(views, self.cache.pad))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, r: Request, group: int):
         """The request's prompt through the model into its slot; the logits of every position (n, vocab)."""
         batcher = self.batchers[group]
@@ -152,7 +152,7 @@ class Runner:
         self.rows, r.pos = 0, len(r.ids)  # the batch's Aligner rows set again at the next step
         return logits
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, slots: list, group: int):
         """One token's logits (b, vocab) for the first b slots, each row at its own position."""
         batcher = self.batchers[group]
