@@ -137,21 +137,28 @@ def main_table(res: Results) -> list:
 
 
 def grid_table(res: Results) -> list:
+    """Every learning rate of each method's grid on both tasks; '-' where that cell is not run yet."""
     lines = ["| method | lr | form val loss | form compliance | knowledge val loss | validation accuracy "
              "| held-out accuracy | training recall |", "|---|---|---|---|---|---|---|---|"]
     for method, n in res.methods:
         if method == "base":
             continue
-        forms, knows = res.grid("form", method, n), res.grid("knowledge", method, n)
-        best = {t: res.best_lr(t, method, n) for t in ("form", "knowledge")}
-        for lr in sorted(forms):
-            f, k = at(forms[lr]), at(knows[lr])
-            loss = {t: f"**{x:.3f}**" if best[t] == lr else f"{x:.3f}"
-                    for t, x in (("form", f["val_loss"]), ("knowledge", k["val_loss"]))}
-            lines.append(f"| {NAMES[method].format(n)} | {lr:g} | {loss['form']} | {100 * f['score']:.1f}% | "
-                         f"{loss['knowledge']} | {100 * k['val_score']:.1f}% | {100 * k['score']:.1f}% | "
-                         f"{100 * k['recall']:.1f}% |")
+        grids = {t: res.grid(t, method, n) for t in ("form", "knowledge")}
+        for lr in sorted(set(grids["form"]) | set(grids["knowledge"])):
+            form = grid_cell(grids["form"].get(lr), res.best_lr("form", method, n) == lr, ("score",))
+            knowledge = grid_cell(grids["knowledge"].get(lr), res.best_lr("knowledge", method, n) == lr,
+                                  ("val_score", "score", "recall"))
+            lines.append(f"| {NAMES[method].format(n)} | {lr:g} | " + " | ".join(form + knowledge) + " |")
     return lines
+
+
+def grid_cell(row, best: bool, scores: tuple) -> tuple:
+    """(val loss, bold where chosen, then each of `scores` in %) of one grid cell; '-'s before it runs."""
+    if row is None:
+        return ("-",) * (1 + len(scores))
+    a = at(row)
+    loss = f"**{a['val_loss']:.3f}**" if best else f"{a['val_loss']:.3f}"
+    return (loss, *(f"{100 * a[k]:.1f}%" for k in scores))
 
 
 def selection_table(res: Results) -> list:

@@ -152,3 +152,18 @@ def test_the_report_checks_cells_against_the_design():
                                  grid[0], 1, [cfg.knowledge_steps])
     with pytest.raises(UserError, match="another budget or task"):  # another task: refused
         experiment.check_budget(Path("out"), cfg, {**done, experiment.key(other): other}, 30)
+
+
+def test_the_grid_table_of_a_grid_still_running():
+    """A learning rate run on form and not yet on knowledge is a row with '-' for the missing cell (the
+    report is rewritten while the grid runs), and each score sits under its own column."""
+    import claims_report as report
+
+    def row(task, lr, **at):
+        return dict(task=task, method="aligner", n=1, start=2, seed=1, lr=lr, checkpoints=[40], at=[at])
+    rows = [row("form", 0.01, val_loss=0.7, score=0.25), row("form", 0.1, val_loss=3.9, score=0.0),
+            row("knowledge", 0.01, val_loss=0.5, val_score=0.125, score=0.0625, recall=0.5)]
+    best = [dict(task=t, method="aligner", n=1, lr=0.01) for t in ("form", "knowledge")]
+    lines = report.grid_table(report.Results(rows, best))
+    assert lines[2:] == ["| Aligner N=1 | 0.01 | **0.700** | 25.0% | **0.500** | 12.5% | 6.2% | 50.0% |",
+                         "| Aligner N=1 | 0.1 | 3.900 | 0.0% | - | - | - | - |"]
