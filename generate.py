@@ -3,7 +3,6 @@
     python generate.py --adapter out.pt --prompt "Give three tips for staying healthy."
     echo "Name a colour." | python generate.py --adapter out.pt --compare   # base vs aligned
     python generate.py --adapter a.pt --adapter b.pt --compare --data questions.json --out answers.jsonl
-    python generate.py --adapter chat.pt --chat          # a conversation, in the adapter's chat template
 
 The base model comes from the adapters' metadata (or --model); prompts get the adapter's template
 (Alpaca, raw, or the chat template recorded in it). All decoding goes through `decode`: a batch's
@@ -16,7 +15,6 @@ Read next: train.py (and dpo.py beside it).
 import sys
 from contextlib import closing
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -25,7 +23,6 @@ from aligner import AlignerBatch
 from data import Prompt, prompt_ids, read_prompts
 from model import Transformer
 from support.adapter_file import load_for_generation
-from support.chat import converse
 from support.errors import UserError
 from support.flags import (Runtime, check_flags, count, flag, non_negative_float, path_text, run_command,
                            positive_int, probability, random_seed)
@@ -141,7 +138,6 @@ class GenerateConfig:
     batch_size: int = flag(8, "with --data: rows decoded together", positive_int)
     template: str = flag(None, "prompts in the Alpaca template, raw, or the chat template (default: the "
                          "adapter's own; alpaca)", choices=["alpaca", "raw", "chat"])
-    chat: bool = flag(False, "a conversation: each line of input is your turn (/reset starts over)")
     no_adapter: bool = flag(False, "answer with the base model alone")
     compare: bool = flag(False, "answer each prompt with the base model too")
 
@@ -151,8 +147,6 @@ class GenerateConfig:
             raise UserError("--data and --out go together: the prompts file and the answers file")
         if self.no_adapter and self.adapter or self.compare and not self.adapter:
             raise UserError("--no-adapter forbids --adapter" if self.adapter else "--compare takes --adapter")
-        if self.chat and (self.data or self.compare or self.prompt or len(self.adapter or []) > 1):
-            raise UserError("--chat talks with one model: one --adapter, no --data, --compare, --prompt")
 
 
 def batches(model, columns, n_prompts: int, batch_size: int):
@@ -195,17 +189,17 @@ def answer_file(cfg: GenerateConfig, sampling: Sampling, model, tok, columns, fo
     print(f"wrote {cfg.out}: {len(rows)} answers ({len(prompts)} prompts x {len(columns)})")
 
 
+def compiled(model, runtime: Runtime):
+    """What runs the one-token steps: with --compile, torch.compile(model) (CUDA graphs on a GPU)."""
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if model.output.weight.is_cuda
+                         else None) if runtime.compile else model
+
+
 def respond(cfg: GenerateConfig, sampling: Sampling, runtime: Runtime):
     model, tok, columns = load_for_generation(cfg, runtime)
-    forward = torch.compile(model, dynamic=False, mode="reduce-overhead" if model.output.weight.is_cuda
-                            else None) if runtime.compile else model
+    forward = compiled(model, runtime)
     if cfg.data:
         return answer_file(cfg, sampling, model, tok, columns, forward)
-    if cfg.chat:  # one column: the adapter's, or the base's
-        col = columns[-1]
-        reply = partial(answer, model, tok, aligner=col.aligner, sampling=sampling, stream=sys.stdout,
-                        forward=forward, eos_id=col.eos_id)  # reply(ids): the answer, streamed
-        return converse(col.chat, reply, model.args.max_seq_len, sampling.max_new_tokens)
     for text in prompt_lines(cfg.prompt):  # --prompt, else stdin: one prompt a line
         for col in columns:
             if len(columns) > 1:  # label each answer: base and aligned, or the adapter's file

@@ -29,14 +29,12 @@ from aligner import Aligner
 from data import IGNORE, Batch, batch_indices, collate, load_examples, split
 from generate import Sampling, generate
 from model import Transformer
-from support import parallel, report
-from support.adapter_file import Checkpoint, load_aligner
+from support import parallel
+from support.adapter_file import RunFiles, load_aligner
 from support.checkpoint import load_base
 from support.errors import UserError
 from support.flags import (Runtime, check_flags, count, flag, fraction, non_negative_float, run_command,
                            path_text, positive_float, positive_int, random_seed, epoch_count, step_count)
-from support.outputs import check_outputs
-from support.temporary import StagedLines
 from support.tokenizer import Tokenizer
 
 
@@ -124,6 +122,7 @@ class Run:
     train_set: list  # Examples (dpo.Pairs with --dpo)
     val: list
     ranks: parallel.Ranks  # this process among the torchrun processes
+    files: RunFiles  # the checkpoint at --out and its metrics
     total: int  # optimizer steps
     warmup: int
     step: int = 0
@@ -132,16 +131,15 @@ class Run:
 # ---- set-up ----------------------------------------------------------------------------------------
 def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     """Everything the loop needs; `model` is a base already loaded (demo.py reuses one)."""
-    if cfg.out:  # before any work: --out and its metrics file may cost the user no file
-        check_outputs([cfg.out, metrics_path(cfg)], [cfg.data, cfg.init], cfg.model)
     torch.manual_seed(cfg.seed)
     ranks = parallel.Ranks.join(runtime.pick_device(), cfg.shard)
+    files = RunFiles(cfg.out, [cfg.data, cfg.init], cfg.model, cfg.resume, writer=ranks.rank == 0)  # checked
     if cfg.batch_size % (cfg.micro_batch_size * ranks.world):  # the config checked it for one process
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size "
                         f"{cfg.micro_batch_size} times the {ranks.world} process(es)")
     base = load_base(cfg.model, runtime, ranks.device, model, training=cfg)  # memory checked first
     model, tok, path = base
-    checkpoint = Checkpoint.read(cfg.out, resume_flags(cfg, path, runtime)) if cfg.resume else None
+    checkpoint = files.checkpoint(resume_flags(cfg, path, runtime)) if cfg.resume else None
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.shard:
         ranks.shard(model)
@@ -155,13 +153,29 @@ def setup(cfg: TrainConfig, runtime: Runtime, model=None) -> Run:
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
     forward = torch.compile(model) if runtime.compile else model
-    run = Run(model, forward, tok, aligner, loss_fn, batcher, optimizer, train_set, val, ranks, total, warmup)
+    run = Run(model, forward, tok, aligner, loss_fn, batcher, optimizer, train_set, val, ranks, files, total,
+              warmup)
     if checkpoint is not None:
         checkpoint.restore(optimizer)  # its moments, each checked against its parameter
         run.step = checkpoint.step
     if ranks.rank == 0:
-        print(report.describe_run(run, cfg, path, data))
+        print(describe(run, cfg, path, data))
     return run
+
+
+def describe(run: Run, cfg: TrainConfig, path: Path, data) -> str:
+    """What the run is, said before its loop: the model, the Aligner, the data and the schedule."""
+    a, weight = run.aligner, run.model.output.weight
+    return "\n".join([
+        f"model {path} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, frozen) on "
+        f"{run.ranks.device}, {str(weight.dtype).removeprefix('torch.')}",
+        f"Aligner: {a.n_tokens} token(s){' per layer' if a.per_layer else ''}, layers {a.start_layer}.."
+        f"{run.model.args.n_layers - 1}: {a.n_params():,} trainable parameters",
+        f"data {cfg.data}: {len(run.train_set)} train, {len(run.val)} validation examples; {data.truncated} "
+        f"truncated to {cfg.max_seq_len} tokens, {data.dropped} dropped (no response token left)",
+        f"{run.total} optimizer steps of {cfg.batch_size} examples ({cfg.batch_size // cfg.micro_batch_size}"
+        f" x {cfg.micro_batch_size}), warmup {run.warmup}, lr {cfg.lr} {cfg.schedule}, "
+        f"{run.ranks.world} process(es)"])
 
 
 def load_data(cfg: TrainConfig, tok: Tokenizer, path: Path, context: int, chat=None):
@@ -177,10 +191,6 @@ def load_data(cfg: TrainConfig, tok: Tokenizer, path: Path, context: int, chat=N
     reference = load_aligner(cfg.init) if cfg.init else None
     pairs = dpo.load_pairs(cfg.data, tok, cfg.max_seq_len, cfg.template)
     return pairs, dpo.DPOLoss(reference, cfg.beta), dpo.collate_pairs
-
-
-def metrics_path(cfg: TrainConfig) -> Path:
-    return Path(cfg.out).with_suffix(".metrics.jsonl")
 
 
 def resume_flags(cfg: TrainConfig, path: Path, runtime: Runtime) -> dict:
@@ -244,7 +254,7 @@ def mean(rows: list) -> dict:
 
 
 @torch.no_grad()
-def evaluate(run: Run, cfg: TrainConfig, metrics: StagedLines, bar):
+def evaluate(run: Run, cfg: TrainConfig, bar):
     """The validation loss (mean over --eval-batches micro-batches) to the metrics file, and a
     greedy answer to a held-out prompt on screen."""
     if not run.val:
@@ -254,7 +264,7 @@ def evaluate(run: Run, cfg: TrainConfig, metrics: StagedLines, bar):
                                                                  run.ranks.device))
                for i in range(0, min(len(run.val), cfg.eval_batches * mb), mb)]
     val_loss = sum(loss.item() for loss, _ in results) / len(results)
-    metrics.write({"step": run.step, "val_loss": val_loss,
+    run.files.log({"step": run.step, "val_loss": val_loss,
                    **{f"val_{k}": v for k, v in mean([s for _, s in results]).items()}})
     if run.ranks.rank == 0 and not cfg.shard:  # a sharded model decodes only with every rank: no sample
         ids = generate(run.model, run.val[0].prompt_ids, run.aligner,
@@ -262,7 +272,7 @@ def evaluate(run: Run, cfg: TrainConfig, metrics: StagedLines, bar):
         bar.write(f"step {run.step}: val loss {val_loss:.4f} | sample: {run.tok.decode(ids).strip()[:200]!r}")
 
 
-def save(run: Run, cfg: TrainConfig, metrics: StagedLines):
+def save(run: Run, cfg: TrainConfig):
     """The checkpoint at --out, atomically: the Aligner (what generate.py reads), the optimizer
     state and the step (what --resume reads), and the config; then the metrics up to this step.
     Only an Aligner whose loss on a training batch is finite is written: --out always holds the
@@ -275,13 +285,11 @@ def save(run: Run, cfg: TrainConfig, metrics: StagedLines):
     if not math.isfinite(loss):
         raise UserError(f"the Aligner after step {run.step} gives loss {loss}: stopped without saving it; "
                         f"{cfg.out} keeps the last good checkpoint (try a lower --lr)")
-    if run.ranks.rank == 0:
-        Checkpoint.write(run.aligner, run.optimizer, run.step, cfg, cfg.out)
-        metrics.publish()
+    run.files.save(run.aligner, run.optimizer, run.step, cfg)  # then its metrics (on the first rank)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
-def loop(run: Run, cfg: TrainConfig, metrics: StagedLines) -> list:
+def loop(run: Run, cfg: TrainConfig) -> list:
     """Train until the last step, --max-time, Ctrl-C or SIGTERM; returns the signals that stopped it."""
     bar = tqdm(total=run.total, initial=run.step, desc="train", dynamic_ncols=True,
                disable=cfg.quiet or run.ranks.rank > 0)
@@ -291,19 +299,19 @@ def loop(run: Run, cfg: TrainConfig, metrics: StagedLines) -> list:
     t0, n_seen = time.time(), 0
     try:
         if cfg.eval_every and not cfg.resume:
-            evaluate(run, cfg, metrics, bar)  # the starting point: the base model, or the --init Aligner
+            evaluate(run, cfg, bar)  # the starting point: the base model, or the --init Aligner
         while run.step < run.total and not should_stop(run, cfg, time.time() - t0, stop, bar):
             loss, lr, n, stats = train_step(run, cfg)
             n_seen += n
             tok_s = n_seen / (time.time() - t0)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             bar.update()
-            metrics.write({"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": round(tok_s, 1),
+            run.files.log({"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": round(tok_s, 1),
                            "time_s": round(time.time() - t0, 2), **stats})
             if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == run.total):
-                evaluate(run, cfg, metrics, bar)
+                evaluate(run, cfg, bar)
             if cfg.save_every and run.step % cfg.save_every == 0:
-                save(run, cfg, metrics)
+                save(run, cfg)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -323,14 +331,14 @@ def train(cfg: TrainConfig, runtime: Runtime = Runtime(), model=None) -> Run:
     """Set up, loop, save. Returns the finished Run (its aligner, its model); after saving, raises the
     signal that stopped the run again: Ctrl-C's KeyboardInterrupt, SIGTERM to the command's handler."""
     run = setup(cfg, runtime, model)
-    with StagedLines(metrics_path(cfg) if cfg.out and run.ranks.rank == 0 else None, cfg.resume) as metrics:
-        stop = loop(run, cfg, metrics)
-        save(run, cfg, metrics)
+    with run.files:  # the metrics staged while the run lives
+        stop = loop(run, cfg)
+        save(run, cfg)
     run.ranks.finish()
     if run.ranks.rank == 0 and cfg.out:
         said = "terminated: " if signal.SIGTERM in stop else "interrupted: " if stop else ""
         print(f"{said}saved {cfg.out} at step {run.step} "
-              f"({run.aligner.n_params():,} parameters); metrics in {metrics_path(cfg)}")
+              f"({run.aligner.n_params():,} parameters); metrics in {run.files.metrics}")
     if stop:
         signal.raise_signal(signal.SIGTERM if signal.SIGTERM in stop else signal.SIGINT)
     return run

@@ -4,7 +4,7 @@
 
 Each conversation asks three held-out instructions of data/form_heldout.json in a row, in the
 adapter's chat template (greedy, --new-tokens per answer), each answer added to the history before
-the next question, as `generate.py --chat` does; it prints, for each adapter and the base model,
+the next question, as `chat.py` does; it prints, for each adapter and the base model,
 the share of answers in the letter form at turn 1, 2 and 3.
 Read next: docs/chat.md (where its figures are recorded).
 """

@@ -856,8 +856,9 @@ def steps(ours, micro: int, n: int, lr: float, batch, sgd=False):
                       max_steps=n)
     optimizer = (torch.optim.SGD(a.parameters(), lr=cfg.lr) if sgd else
                  torch.optim.AdamW(a.parameters(), lr=cfg.lr, weight_decay=0.0))
-    run = Run(ours, ours, type("Tok", (), {"pad_id": 0})(), a, sft_loss, collate, optimizer, examples, [],
-              Ranks(0, 1, torch.device("cpu")), n, 0)
+    run = Run(model=ours, forward=ours, tok=type("Tok", (), {"pad_id": 0})(), aligner=a, loss_fn=sft_loss,
+              collate=collate, optimizer=optimizer, train_set=examples, val=[],
+              ranks=Ranks(0, 1, torch.device("cpu")), files=None, total=n, warmup=0)
     for _ in range(n):
         train_step(run, cfg)
     return a

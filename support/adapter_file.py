@@ -6,8 +6,9 @@ every field checked.
     aligner = load_aligner("out.pt")        # ours, a training checkpoint, or an official .pth
     path = base_dir(aligner, "out.pt")      # the base model directory it was trained on
     path = one_base([("a.pt", a), ("b.pt", b)])  # the one base of several (or a UserError)
-    Checkpoint.write(aligner, optimizer, step, cfg, "out.pt")      # train.py's, for --resume
-    checkpoint = Checkpoint.read("out.pt", {"--tokens": 1})        # .aligner, .step, .restore(optimizer)
+    files = RunFiles("out.pt", inputs=["data.json"], base=None, resume=False)  # train.py's, checked
+    with files: files.log(row); files.save(aligner, optimizer, step, cfg)  # + out.metrics.jsonl
+    checkpoint = files.checkpoint({"--tokens": 1})  # for --resume: .aligner, .step, .restore(optimizer)
     aligner = load_aligner("sft.pt", like=cfg)  # --init, its --tokens/--start-layer/--per-layer as cfg's
     model, tok, columns = load_for_generation(cfg, runtime)  # generate.py: the base and a Column each
 
@@ -30,7 +31,7 @@ from support.flags import MAX_STEPS
 from support.inputs import load_weights
 from support.official import read_official_aligner
 from support.outputs import check_outputs
-from support.temporary import atomic_save
+from support.temporary import StagedLines, atomic_save
 
 FORMAT = "aligner-v1"
 SHAPE_KEYS = ("n_tokens", "start_layer", "per_layer", "dim", "n_layers", "n_heads")
@@ -126,6 +127,43 @@ def from_tensors(tokens, gates, start_layer: int, per_layer: bool, meta: dict, w
     return aligner
 
 
+class RunFiles:
+    """train.py's files at --out: the checkpoint (the Aligner that generate.py reads; the optimizer
+    state, step and config that --resume reads) and OUT.metrics.jsonl beside it. Both are checked
+    before any work (neither may be an input, a base model file or a folder); while the run lives
+    the metrics are staged beside their target (support/temporary.StagedLines) and `save` publishes
+    them right after the checkpoint they describe, so a run killed at any moment leaves both as the
+    last save left them. `out` None, or a process that is not the first rank: nothing is written."""
+
+    def __init__(self, out, inputs, base, resume: bool, writer: bool = True):
+        self.out, self.resume = out, resume
+        self.metrics = Path(out).with_suffix(".metrics.jsonl") if out else None
+        if out:
+            check_outputs([out, self.metrics], inputs, base)
+        self.lines = StagedLines(self.metrics if out and writer else None, resume)
+
+    def checkpoint(self, given: dict) -> "Checkpoint":
+        """The checkpoint at --out for --resume (Checkpoint.read: `given` flags must match)."""
+        return Checkpoint.read(self.out, given)
+
+    def __enter__(self):
+        self.lines.__enter__()
+        return self
+
+    def log(self, row: dict):
+        """One line of metrics (a dict), staged until the next `save`."""
+        self.lines.write(row)
+
+    def save(self, aligner: Aligner, optimizer, step: int, cfg):
+        """The checkpoint at `step`, atomically, then the metrics up to it."""
+        if self.lines.path:
+            Checkpoint.write(aligner, optimizer, step, cfg, self.out)
+            self.lines.publish()
+
+    def __exit__(self, *exc):
+        self.lines.__exit__(*exc)
+
+
 class Checkpoint(NamedTuple):
     """train.py's checkpoint file: the Aligner (what generate.py reads), the optimizer state and the
     step (what --resume reads), and the config. `Checkpoint.write` saves one atomically;
@@ -213,7 +251,7 @@ class Column(NamedTuple):  # one way of answering every prompt: the base model, 
 
 def load_for_generation(cfg, runtime):
     """(model, tokenizer, Columns) for generate.py's config `cfg` (its --adapter, --model, --template,
-    --compare, --chat, --data, --out): the base model's column first when asked. --out is checked
+    --compare, --data, --out; chat.py's as one): the base model's column first when asked. --out is checked
     against every input, the base the adapters name included, before the model is loaded."""
     adapters = [(path, load_aligner(path)) for path in cfg.adapter or [] if not cfg.no_adapter]
     base = one_base(adapters, cfg.model)
@@ -226,8 +264,8 @@ def load_for_generation(cfg, runtime):
         a.check_fits(model.args, str(path))
         a.to(device)
     columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), base) for p, a in adapters]
-    if cfg.compare or not columns:  # the base answers as the adapter is asked (in a chat with --chat)
-        template = cfg.template or (columns[0].template if columns else "chat" if cfg.chat else "alpaca")
+    if cfg.compare or not columns:  # the base answers as the adapter is asked
+        template = cfg.template or (columns[0].template if columns else "alpaca")
         columns.insert(0, column("base", None, template, base))
     return model, tok, columns
 

@@ -333,8 +333,8 @@ def converse(chat: Chat, reply, context: int, answer_room: int):
     conversation and room for an answer no longer fit the context, the oldest turns are dropped
     with a note on stderr."""
     if chat is None:
-        raise UserError("--chat needs a chat template, and this adapter was trained with another: "
-                        "add --template chat")
+        raise UserError("chat.py talks in a chat template, and this adapter was trained with another "
+                        "(its file says which): train one with --template chat")
     print("chat: type a message and press Enter; /reset starts over; /quit or Ctrl-D ends", file=sys.stderr)
     history = []
     for line in stdin_lines(prompt="> " if sys.stdin.isatty() else None):

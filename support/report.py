@@ -1,5 +1,4 @@
-"""What the commands print and draw: an Aligner's numbers in words (adapter.py inspect, compare),
-and what train.py says about a run before it starts.
+"""What adapter.py prints and draws: an Aligner's numbers in words (inspect, compare).
 
     python adapter.py inspect out.pt --plot gates.png
     python adapter.py compare a.pt b.pt
@@ -34,21 +33,6 @@ def describe(a, path) -> str:
     for i, (mean, mx) in enumerate(zip(g.mean(1).tolist(), g.max(1).values.tolist())):
         out.append(f"  {a.start_layer + i:5d}  {mean:7.4f}  {mx:7.4f}  {'#' * round(30 * mean / top)}")
     return "\n".join(out)
-
-
-def describe_run(run, cfg, path, data) -> str:
-    """What train.py says before its loop: the model, the Aligner, the data and the schedule."""
-    a, n_layers, weight = run.aligner, run.model.args.n_layers, run.model.output.weight
-    return "\n".join([
-        f"model {path} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, frozen) on "
-        f"{run.ranks.device}, {str(weight.dtype).removeprefix('torch.')}",
-        f"Aligner: {a.n_tokens} token(s){' per layer' if a.per_layer else ''}, layers {a.start_layer}.."
-        f"{n_layers - 1}: {a.n_params():,} trainable parameters",
-        f"data {cfg.data}: {len(run.train_set)} train, {len(run.val)} validation examples; {data.truncated} "
-        f"truncated to {cfg.max_seq_len} tokens, {data.dropped} dropped (no response token left)",
-        f"{run.total} optimizer steps of {cfg.batch_size} examples ({cfg.batch_size // cfg.micro_batch_size}"
-        f" x {cfg.micro_batch_size}), warmup {run.warmup}, lr {cfg.lr} {cfg.schedule}, "
-        f"{run.ranks.world} process(es)"])
 
 
 def compare(a, b, name_a, name_b, init=None, stored=("float32", "float32")) -> str:

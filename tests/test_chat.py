@@ -2,7 +2,7 @@
 token for token: SmolLM2's own template (the embedded default), and a LLaMA-3-style and a
 Qwen-style template written here into tiny tokenizer configs, with and without a system message,
 over several turns. Assistant-only labels by hand; multi-turn records (messages, ShareGPT, Alpaca);
-train.py --template chat recording its template in the adapter; generate.py --chat over turns,
+train.py --template chat recording its template in the adapter; chat.py over turns,
 /reset and a context too small for the history; refusals one line, exit 2, nothing written.
 
 Run: .venv/bin/python -m pytest -q tests/test_chat.py"""
@@ -190,7 +190,7 @@ def test_train_records_the_template_and_generate_chats_with_it(qwen, tmp_path):
 
     meta = load_aligner(out).meta
     assert meta["template"] == "chat" and meta["chat_template"] == template_of(ours)
-    r = run_cli("generate.py", "--adapter", str(out), "--chat", "--temperature", "0", "--max-new-tokens", "4",
+    r = run_cli("chat.py", "--adapter", str(out), "--temperature", "0", "--max-new-tokens", "4",
                 input="Name a colour.\nAnother?\n/reset\nHi\n/quit\nnever read\n")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "/reset starts over" in r.stderr and "starts over" in r.stderr.split("/reset starts over")[1]
@@ -203,7 +203,7 @@ def test_chat_drops_the_oldest_turns_to_fit_the_context(qwen, tmp_path):
     _, _, ours = qwen
     turns = "".join(f"the quick brown fox jumps over the lazy dog {i}\n" for i in range(12))
     huge = "the lazy dog " * 200 + "\n"
-    r = run_cli("generate.py", "--model", str(ours), "--no-adapter", "--chat", "--temperature", "0",
+    r = run_cli("chat.py", "--model", str(ours), "--no-adapter", "--temperature", "0",
                 "--max-new-tokens", "100", input=turns + huge + "Hi\n")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "oldest exchange(s) were dropped" in r.stderr and "longer than the model's context" in r.stderr
@@ -225,6 +225,17 @@ def test_refusals_are_one_line_and_write_nothing(qwen, tmp_path):
                     str(out), "--max-steps", "1", *flags)
         assert_clean_error(r, words)
         assert not out.exists() and not out.with_suffix(".metrics.jsonl").exists()
+    from aligner import Aligner
+    from support.adapter_file import save_aligner
+    from support.checkpoint import read_params
+
+    alpaca = tmp_path / "alpaca.pt"  # an Aligner trained in the Alpaca template: chat.py refuses it
+    save_aligner(Aligner(read_params(ours / "params.json"), meta={"base": str(ours), "template": "alpaca"}),
+                 alpaca)
+    out.write_bytes(b"not an adapter")
+    for flags, words in [([], "name one --adapter"), (["--adapter", str(out), "--no-adapter"], "name one"),
+                         (["--adapter", str(out)], "o.pt"), (["--adapter", str(alpaca)], "trained with another")]:
+        assert_clean_error(run_cli("chat.py", "--model", str(ours), *flags, input="Hi\n"), words)
 
 
 def test_a_template_that_fails_to_render_is_one_line(tmp_path, tiny):
