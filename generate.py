@@ -3,6 +3,7 @@
     python generate.py --adapter out.pt --prompt "Give three tips for staying healthy."
     echo "Name a colour." | python generate.py --adapter out.pt --compare   # base vs aligned
     python generate.py --adapter a.pt --adapter b.pt --compare --data questions.json --out answers.jsonl
+    python chat.py --adapter chat.pt      # a conversation, in the adapter's chat template: chat.py
 
 The base model comes from the adapters' metadata (or --model); prompts get the adapter's template
 (Alpaca, raw, or the chat template recorded in it). All decoding goes through `decode`: a batch's

@@ -136,10 +136,14 @@ class RunFiles:
     last save left them. `out` None, or a process that is not the first rank: nothing is written."""
 
     def __init__(self, out, inputs, base, resume: bool, writer: bool = True):
-        self.out, self.resume = out, resume
-        self.metrics = Path(out).with_suffix(".metrics.jsonl") if out else None
+        self.out, self.resume, self.metrics = out, resume, None
         if out:
-            check_outputs([out, self.metrics], inputs, base)
+            check_outputs([out], inputs, base)  # first: "." or "/" has no name to derive the metrics' from
+            self.metrics = Path(out).with_suffix(".metrics.jsonl")
+            check_outputs([self.metrics], inputs, base)
+        if resume and not (out and Path(out).is_file()):
+            raise UserError(f"--resume continues the checkpoint at --out, and {out!r} is no file: give the "
+                            f"--out of the run to continue, or leave out --resume")
         self.lines = StagedLines(self.metrics if out and writer else None, resume)
 
     def checkpoint(self, given: dict) -> "Checkpoint":

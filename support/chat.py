@@ -39,7 +39,7 @@ def template_of(model_dir) -> str:
     source = read_json_object(config).get("chat_template") if config.is_file() else None
     if not isinstance(source, str) or not source.strip():
         raise UserError(f"{model_dir} has no chat template (tokenizer_config.json's chat_template): "
-                        f"use --template alpaca, or convert a checkpoint that ships one")
+                        f"use the Alpaca template (--template alpaca), or a checkpoint that ships one")
     return source
 
 
@@ -332,9 +332,6 @@ def converse(chat: Chat, reply, context: int, answer_room: int):
     answer and returns its text. "/reset" starts over, "/quit" (or Ctrl-D) ends. When the
     conversation and room for an answer no longer fit the context, the oldest turns are dropped
     with a note on stderr."""
-    if chat is None:
-        raise UserError("chat.py talks in a chat template, and this adapter was trained with another "
-                        "(its file says which): train one with --template chat")
     print("chat: type a message and press Enter; /reset starts over; /quit or Ctrl-D ends", file=sys.stderr)
     history = []
     for line in stdin_lines(prompt="> " if sys.stdin.isatty() else None):
@@ -345,14 +342,18 @@ def converse(chat: Chat, reply, context: int, answer_room: int):
             history = []
             print("(the conversation starts over)", file=sys.stderr)
         elif text:
-            history = fitted(chat, history + [{"role": "user", "content": text}], context, answer_room)
-            if history:
-                history.append({"role": "assistant", "content": reply(chat.prompt_ids(history))})
+            kept = fitted(chat, history + [{"role": "user", "content": text}], context, answer_room)
+            if kept:  # else the message is refused and the conversation goes on as it was
+                history = kept + [{"role": "assistant", "content": reply(chat.prompt_ids(kept))}]
 
 
 def fitted(chat: Chat, history: list, context: int, answer_room: int) -> list:
     """The history without its oldest turns, as few as needed for it and the answer to fit; empty
-    (with a note) when the newest message alone does not fit."""
+    (with a note, and nothing dropped) when the newest message alone does not fit."""
+    if len(chat.prompt_ids(history[-1:])) >= context:
+        print(f"(note: that message is longer than the model's context of {context} tokens; say it "
+              f"shorter)", file=sys.stderr)
+        return []
     room = min(answer_room, context // 2)  # the answer's room, never more than half the context
     dropped = 0
     while len(chat.prompt_ids(history)) + room > context and len(history) > 1:
@@ -360,8 +361,4 @@ def fitted(chat: Chat, history: list, context: int, answer_room: int) -> list:
     if dropped:
         print(f"(note: the {dropped} oldest exchange(s) were dropped to fit the model's context of "
               f"{context} tokens)", file=sys.stderr)
-    if len(chat.prompt_ids(history)) >= context:
-        print(f"(note: that message is longer than the model's context of {context} tokens; say it "
-              f"shorter)", file=sys.stderr)
-        return []
     return history

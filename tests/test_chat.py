@@ -210,6 +210,25 @@ def test_chat_drops_the_oldest_turns_to_fit_the_context(qwen, tmp_path):
     assert len(r.stdout.splitlines()) >= 13  # every message but the huge one answered
 
 
+def test_a_message_longer_than_the_context_is_refused_and_the_conversation_goes_on(qwen, monkeypatch, capsys):
+    """The turn before a refused message is still in the next prompt, and no exchange is said dropped
+    (the refusal once emptied the history: the next answer forgot the first turn)."""
+    import io
+
+    from support.chat import converse
+
+    _, _, ours = qwen
+    chat = Chat(template_of(ours), Tokenizer(ours))
+    lines = "My name is Zed.\n" + "word " * 400 + "\nWhat is my name?\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))
+    prompts = []
+    converse(chat, lambda ids: prompts.append(ids) or "Noted.", context=256, answer_room=16)
+    said = capsys.readouterr().err
+    assert len(prompts) == 2 and "longer than the model's context" in said and "dropped" not in said
+    first = chat.prompt_ids([{"role": "user", "content": "My name is Zed."}])
+    assert prompts[1][:len(first) - 2] == first[:len(first) - 2]  # the first turn opens the second prompt
+
+
 def test_refusals_are_one_line_and_write_nothing(qwen, tmp_path):
     _, _, ours = qwen
     data = tmp_path / "d.json"
@@ -234,7 +253,7 @@ def test_refusals_are_one_line_and_write_nothing(qwen, tmp_path):
                  alpaca)
     out.write_bytes(b"not an adapter")
     for flags, words in [([], "name one --adapter"), (["--adapter", str(out), "--no-adapter"], "name one"),
-                         (["--adapter", str(out)], "o.pt"), (["--adapter", str(alpaca)], "trained with another")]:
+                         (["--adapter", str(out)], "o.pt"), (["--adapter", str(alpaca)], "trained with the alpaca template")]:
         assert_clean_error(run_cli("chat.py", "--model", str(ours), *flags, input="Hi\n"), words)
 
 
