@@ -178,17 +178,42 @@ def selection_table(res: Results) -> list:
     return lines
 
 
-def curves(res: Results) -> list:
+def curves(res: Results, other_rule=False) -> list:
     """[(method, n, lr, rows)] of the knowledge learning curves at the learning rate the validation loss
-    chose (every seed run there; before any is, the curves at another rate), seed 1 first."""
+    chose (every seed run there; before any is, the curves at another rate), seed 1 first; with
+    `other_rule`, those at another learning rate (the validation accuracy's pick)."""
     out = []
     for method, n in res.methods:
-        rows = (res.cells("knowledge", method, n, res.best_lr("knowledge", method, n), curve=True)
-                or res.cells("knowledge", method, n, curve=True))
+        chosen = res.best_lr("knowledge", method, n)
+        rows = res.cells("knowledge", method, n, curve=True)
+        rows = ([r for r in rows if r["lr"] != chosen] if other_rule
+                else [r for r in rows if r["lr"] == chosen] or rows)
         rows = sorted((r for r in rows if r["lr"] == rows[0]["lr"]), key=lambda r: r["seed"])
         if rows:
             out.append((method, n, rows[0]["lr"], rows))
     return out
+
+
+def rule_table(res: Results, sizes: dict) -> list:
+    """The knowledge curves at the learning rate the validation accuracy picks, where it is another than
+    the loss rule's, beside the loss rule's curves: held-out hits of every seed pooled at each step, and
+    the difference at the last step with Newcombe's 95% interval."""
+    held, loss_rule = sizes["knowledge"]["score"], {(m, n): rows for m, n, _, rows in curves(res)}
+    lines = ["| method | seeds | lr: loss rule -> accuracy rule | held-out at each step, loss rule -> "
+             "accuracy rule | last step: accuracy rule - loss rule [95%] |", "|---|---|---|---|---|"]
+    for m, n, lr, rows in curves(res, other_rule=True):
+        base = loss_rule.get((m, n), [])
+        if not base:
+            continue
+        steps = [a["step"] for a in rows[0]["at"]]
+        (k1, n1), (k2, n2) = hits(rows, "score", held, steps[-1]), hits(base, "score", held, steps[-1])
+        low, high = newcombe(k1, n1, k2, n2)
+        shown = ", ".join(f"{s}: {hits(base, 'score', held, s)[0]} -> {hits(rows, 'score', held, s)[0]}"
+                          for s in steps)
+        lines.append(f"| {NAMES[m].format(n)} | {len(base)} -> {len(rows)} | {base[0]['lr']:g} -> {lr:g} | "
+                     f"{shown} (of {n2} -> {n1}) | {100 * (k1 / n1 - k2 / n2):+.1f} [{100 * low:+.1f}, "
+                     f"{100 * high:+.1f}] |")
+    return lines
 
 
 def mean_at(rows: list, field: str, i: int) -> float:
@@ -257,7 +282,9 @@ NAMED = [("form: LoRA r=1 (wq, wv) - Aligner N=100, matched size", "form", ("lor
          ("curve, step 400, held-out: Aligner N=10 - N=1", "knowledge", ("aligner", 10), ("aligner", 1),
           "score", 400),
          ("curve, step 400, held-out: Aligner N=10 - LLaMA-Adapter", "knowledge", ("aligner", 10),
-          ("per-layer", 10), "score", 400)]
+          ("per-layer", 10), "score", 400),
+         *[(f"curve, step 400, held-out: Aligner N=10 - {NAMES[m].format(r)}", "knowledge", ("aligner", 10),
+            (m, r), "score", 400) for m, r in (("lora", 8), ("lora-qv", 1), ("lora-qv", 3))]]
 # The paper's GPT-4-judged Vicuna counts of the Aligner against a competitor: (base, competitor, N, Aligner
 # wins, losses, ties), as the official README's figure shows them (docs/claims.md, "The paper beside us").
 PAPER = [("LLaMA-2-7B", "LLaMA-Adapter", 1, 26, 35, 19), ("LLaMA-2-7B", "LLaMA-Adapter", 10, 28, 26, 26),
@@ -302,13 +329,13 @@ def curve_interval_table(res: Results, sizes: dict) -> list:
     return lines
 
 
-def named_table(res: Results, sizes: dict) -> list:
+def named_table(res: Results, sizes: dict, named=NAMED) -> list:
     """Every difference the verdict names, with Newcombe's 95% interval ('yes' where it excludes 0), and
     whether every seed of A lies on the same side of every seed of B (the interval pools the questions
     of all seeds, so the seed-to-seed spread is not in it)."""
     lines = ["| difference (A - B) | A | B | A - B [95% interval] | interval excludes 0 | seeds apart |",
              "|---|---|---|---|---|---|"]
-    for label, task, a, b, field, step in NAMED:
+    for label, task, a, b, field, step in named:
         fields = field if isinstance(field, tuple) else (field, field)
         rows = [named_rows(res, task, who, step) for who in (a, b)]
         if not all(rows) or not all(f in sizes[task] for f in fields):
@@ -319,6 +346,45 @@ def named_table(res: Results, sizes: dict) -> list:
                      f"[{100 * low:+.1f}, {100 * high:+.1f}] | {'yes' if low > 0 or high < 0 else 'no'} | "
                      f"{seeds_apart(rows, fields, step)} |")
     return lines
+
+
+def cell_of(row: dict) -> tuple:
+    """Which cell a row is: form_vs_knowledge.key's fields but the budget's (a folder has one budget)."""
+    return tuple(json.dumps(row[k]) for k in ("task", "method", "n", "start", "seed", "lr", "checkpoints"))
+
+
+def kernel_check(res: Results, repeats: list, sizes: dict, best: list) -> list:
+    """results.md's kernel check: each cell that experiments/repeat_cell.py --record trained again
+    (OUT/repeats.jsonl: the same cell under another attention kernel) beside the design's, then the
+    knowledge curves' step-400 intervals and the differences named there with the new draws in place
+    of the old: how far the verdict moves when those cells are drawn again."""
+    if not repeats:
+        return []
+    again = {cell_of(r): r for r in repeats}
+    done = [(r, again[cell_of(r)]) for r in res.rows if cell_of(r) in again]
+    swapped = Results([again.get(cell_of(r), r) for r in res.rows], best)
+    held, recall = sizes["knowledge"]["score"], sizes["knowledge"]["recall"]
+    lines = ["## The kernel check: cells trained again under another attention kernel (OUT/repeats.jsonl)",
+             "", "Each cell below was trained again by `experiments/repeat_cell.py --record` (same data, "
+             "seed and learning rate; another kernel, one thread). Held-out hits of 32 and training recall "
+             "of 64 at each checkpoint, then -> now.", "",
+             "| cell | kernel then -> now | " + " | ".join(f"step {a['step']}: held-out / recall"
+                                                           for a in done[0][0]["at"]) + " |",
+             "|---|---|" + "---|" * len(done[0][0]["at"])]
+    lines += [f"| {NAMES[old['method']].format(old['n'])}, {old['task']}, lr {old['lr']:g}, seed "
+              f"{old['seed']} | {old.get('attention', '?')} -> {new['attention']} | " + " | ".join(
+                  f"{round(a['score'] * held)} -> {round(b['score'] * held)} / "
+                  f"{round(a['recall'] * recall)} -> {round(b['recall'] * recall)}"
+                  for a, b in zip(old["at"], new["at"])) + " |" for old, new in done]
+    lines += ["", "The knowledge curves at step 400 with those cells in place of the design's (seeds "
+              "pooled, Wilson 95%):", "",
+              "| method | lr | seeds | held-out (32 a seed) | training recall (64 a seed) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {NAMES[m].format(n)} | {lr:g} | {len(rows)} | {ci_text(*hits(rows, 'score', held, 400))} | "
+              f"{ci_text(*hits(rows, 'recall', recall, 400))} |" for m, n, lr, rows in curves(swapped)
+              if any(a["step"] == 400 for a in rows[0]["at"])]
+    return lines + ["", "The differences named at step 400, with those cells in place of the design's:", "",
+                    *named_table(swapped, sizes, [n for n in NAMED if n[5] == 400]), ""]
 
 
 def seeds_apart(rows: list, fields: tuple, step) -> str:
@@ -383,11 +449,12 @@ def intervals_text(res: Results, sizes: dict) -> list:
 
 
 def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, attention: list, design: dict,
-          check=()):
+          check=(), repeats=()):
     """results.md and results.json from the cells' rows, then the figures; `info` has the probe counts
     and the chance scores, `attention` the base model's mean |attention output| per layer (the scale
     of the merged biases), `design` the methods, learning-rate grids and the learning rates chosen,
-    `check` the lines that say how the cells meet experiments/design.json."""
+    `check` the lines that say how the cells meet experiments/design.json, `repeats` the cells trained
+    again (OUT/repeats.jsonl) for the kernel check."""
     res, seconds = Results(rows, design["best"]), sum(r["seconds"] for r in rows)
     layers = by_layer(res, attention)
     chance = ", ".join(f"{k} {100 * v:.2f}%" for k, v in info["chance"].items())
@@ -403,7 +470,11 @@ def write(rows: list, out: Path, settings: dict, n_layers: int, info: dict, atte
             "", *selection_table(res), "",
             "## Knowledge learning curves (the mean over the seeds run so far, at the learning rate the "
             "validation loss chose at the main budget)", "",
-            *curve_table(res), "", "## Start layer of the one-token Aligner (form task)", "",
+            *curve_table(res), "", "## Knowledge curves at the validation accuracy's learning rate, where it "
+            "picks another (hits of the seeds' held-out questions pooled)", "",
+            *rule_table(res, sizes_of(info)), "",
+            *kernel_check(res, list(repeats), sizes_of(info), design["best"]),
+            "## Start layer of the one-token Aligner (form task)", "",
             *sweep_table(res, n_layers), "",
             "## The trained one-token form Aligner per layer (start layer 2, SmolLM2, form task)", "",
             "Gate: mean over heads of |g_l[h]|. Merged bias: |b_l| = |wo_l (g_l * wv_l p)|, what the",

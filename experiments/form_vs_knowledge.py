@@ -7,9 +7,11 @@ method, learning curves, fit against transfer, parameter-matched LoRA, and every
 
 The design (methods, learning-rate grids, seeds, budgets, selection rules) is experiments/design.json,
 committed before its cells ran. The first command ran the first pass's grid (94 cells, 1 h 54 min on
-2 CPU cores); run in this checkout it runs only the cells the design adds. --report-only runs none: it
-rewrites the tables and figures from OUT/cells.jsonl, and the report lists every cell the design lacks
-or does not call for.
+2 CPU cores) and the second pass; run in this checkout it finds all 142 cells and runs none.
+--report-only runs none either: it rewrites the tables and figures from OUT/cells.jsonl (and the
+kernel check from OUT/repeats.jsonl), and the report lists every cell the design lacks or does not
+call for. Each cell records the attention kernel that computed it (--attention; the first pass's ran
+sdpa): experiments/repeat_cell.py trains a cell again under either (see key()).
 
 Every cell (task, method, learning rate, start layer, seed) trains on the same frozen base, is
 scored at its checkpoints, and is appended to OUT/cells.jsonl (its decoded answers to
@@ -120,6 +122,8 @@ class ExperimentConfig:
                        f"{len(CITIES)})", positive_int)
     dtype: str = flag("float32", "the frozen base's dtype (bfloat16: faster on CPUs with bf16 units)",
                       choices=["float32", "bfloat16"])
+    attention: str = flag("einsum", "the base's attention kernel for the cells run now, recorded in each "
+                          "(the first pass ran sdpa: see key())", choices=["einsum", "sdpa"])
     workers: int = flag(1, "cells trained at once, each in its own process with a share of the cores",
                         positive_int)
     report_only: bool = flag(False, "run no cell: rewrite the tables and figures from OUT/cells.jsonl (and "
@@ -307,7 +311,7 @@ def aligner_trainer(bench: Bench, task: Task, cell: dict) -> Trainer:
                       template=task.template, val_fraction=0.0, eval_every=0, save_every=0,
                       seed=cell["seed"], quiet=True)
     with contextlib.redirect_stdout(io.StringIO()):  # train.py's set-up lines: the bar says enough
-        run = setup(cfg, Runtime(device="cpu"), bench.model)
+        run = setup(cfg, Runtime(device="cpu", attention=cell["attention"]), bench.model)
     return Trainer(lambda: train_step(run, cfg), run.aligner, list(run.aligner.parameters()))
 
 
@@ -316,6 +320,7 @@ def run_cell(cell: dict, bench: Bench) -> tuple:
     of cells.jsonl and the line of answers.jsonl."""
     t0, task = time.time(), bench.tasks[cell["task"]]
     torch.manual_seed(cell["seed"])
+    bench.model.use_sdpa(cell["attention"] == "sdpa")  # the shared base: for LoRA cells and scoring too
     make = {"base": lambda *_: Trainer(None, None, []), "lora": lora_trainer, "lora-qv": lora_trainer}
     trainer = make.get(cell["method"], aligner_trainer)(bench, task, cell)
     at, answers, step = [], {}, 0
@@ -410,7 +415,7 @@ def make_cell(cfg: ExperimentConfig, task: str, method: Method, lr: float, seed:
     """A cell as a dict that also names the budget and the data (a cell made with others is not taken
     as done)."""
     cell = dict(task=task, method=method.kind, n=method.n, start=start, seed=seed, lr=lr, batch=cfg.batch,
-                checkpoints=checkpoints, dtype=cfg.dtype, quick=cfg.quick)
+                checkpoints=checkpoints, dtype=cfg.dtype, quick=cfg.quick, attention=cfg.attention)
     return dict(cell, people=cfg.people) if task == "knowledge" else cell
 
 
@@ -483,10 +488,20 @@ def design_check(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
              f"{len(missing)} "
              f"missing ({len(grid & set(missing))} of them grid cells: phase 2 follows from the grid, so "
              f"more cells may follow); {len(outside)} cells done are outside the design"
-             + (" (not in the tables): " + "; ".join(outside[:5]) if outside else "") + ".", ""]
+             + (" (not in the tables): " + "; ".join(outside[:5]) if outside else "") + ".", "",
+             kernel_line([done[k] for k in wanted if k in done]), ""]
     notes = [(f"{task}, {m.kind} {m.n}", choice_notes(cfg, done, task, m))
              for task in ("form", "knowledge") for m in METHODS]
     return lines + [f"- {who}: " + "; ".join(said) for who, said in notes if said] + [""]
+
+
+def kernel_line(rows: list) -> str:
+    """How many of the cells done each attention kernel computed (recorded in each cell)."""
+    kernels = sorted({r.get("attention", "not recorded") for r in rows})
+    counts = ", ".join(f"{k} {sum(r.get('attention', 'not recorded') == k for r in rows)}" for k in kernels)
+    return (f"The base's attention kernel of the cells done: {counts or 'none yet'}. Both compute the same "
+            f"function (tests/test_model.py); a cell trained again under the other kernel is another draw "
+            f"(key(); experiments/repeat_cell.py).")
 
 
 def choice_notes(cfg: ExperimentConfig, done: dict, task: str, m: Method) -> list:
@@ -510,6 +525,10 @@ def plan(cfg: ExperimentConfig, done: dict, n_layers: int) -> list:
 
 # ---- the run: resumable, in one process or several ----------------------------------------------------
 def key(cell: dict) -> str:
+    """What a cell is, not how it was computed: its attention kernel (einsum or sdpa, the same function
+    to rounding, tests/test_model.py) is recorded in the row but is no part of the key. Training at
+    these learning rates amplifies rounding: a cell run under the other kernel, or with other threads,
+    is another draw (experiments/repeat_cell.py measures it)."""
     names = ("task", "method", "n", "start", "seed", "lr", "batch", "checkpoints", "dtype", "quick", "people")
     return json.dumps({k: cell.get(k) for k in names}, sort_keys=True)
 
@@ -640,9 +659,10 @@ def report(cfg: ExperimentConfig, out: Path, done: dict, attention: list, tasks:
     best = [dict(task=t, method=m.kind, n=m.n, lr=best_lr(cfg, done, t, m))
             for t in ("form", "knowledge") for m in METHODS]  # the one place the choice is made
     settings = {k: v for k, v in asdict(cfg).items() if k != "report_only"}
+    repeats = read_cells(out / "repeats.jsonl").values()  # cells trained again (repeat_cell.py --record)
     claims_report.write(rows, out, settings, n_layers, info, attention,
                         {"lr_grid": LR_GRID, "methods": METHODS, "best": best},
-                        design_check(cfg, done, n_layers))
+                        design_check(cfg, done, n_layers), repeats)
 
 
 def main(argv=None):

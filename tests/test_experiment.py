@@ -6,6 +6,7 @@ redone); a run of another knowledge task, or a smoke run over the committed resu
 it writes anything. The report's intervals match published and independent values, and it checks the
 cells against experiments/design.json (outside it, on a grid's edge, chosen from a partial grid)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,30 @@ def test_claims_quick_and_resume(smollm2_dir, tmp_path):
     assert "| Aligner N=1 | 828 |" in (tmp_path / "results.md").read_text()
     assert all((tmp_path / png).stat().st_size > 0 for png in ("grid.png", "curves.png", "start_layer.png",
                                                                 "gates.png"))
+    check_repeat(tmp_path, rows)
     check_resume(tmp_path, rows)
+
+
+def check_repeat(out: Path, rows: list):
+    """repeat_cell.py trains a stored cell again: under the kernel and threads it ran with, every score
+    equal (exit 0), its row recorded for the report's kernel check; a cell the file lacks, or a record
+    file that is the experiment's own, is refused in one line (exit 2)."""
+    row = next(r for r in rows if (r["task"], r["method"], r["n"]) == ("knowledge", "aligner", 10))
+    assert row["attention"] == "einsum"
+    flags = ["--out", str(out), "--task", "knowledge", "--method", "aligner", "--n", "10", "--lr",
+             str(row["lr"]), "--seed", str(row["seed"]), "--steps", ",".join(map(str, row["checkpoints"])),
+             "--threads", str(os.cpu_count() or 1)]
+    r = subprocess.run([sys.executable, "experiments/repeat_cell.py", *flags, "--record",
+                        str(out / "repeats.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "the cell repeats" in r.stdout, r.stdout + r.stderr[-2000:]
+    recorded = json.loads((out / "repeats.jsonl").read_text())
+    assert recorded["at"] == row["at"] and recorded["attention"] == "einsum"
+    assert recorded["threads"] == (os.cpu_count() or 1)
+    refused = [(["--seed", "7"], "has no cell"), (["--record", str(out / "cells.jsonl")], "cells.jsonl")]
+    for bad, words in refused:
+        r = subprocess.run([sys.executable, "experiments/repeat_cell.py", *flags, *bad], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def check_rows(rows: list, answers_file: Path):
@@ -100,6 +124,7 @@ def check_resume(out: Path, rows: list):
     (out / "cells.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     said = run_quick(out)
     assert "25 cells, 24 already in" in said and "16 cells, 16 already in" in said
+    assert "## The kernel check" in (out / "results.md").read_text()  # the cell check_repeat recorded
     again = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
     assert [r["at"] for r in again[:24]] == [r["at"] for r in rows[:24]] and len(again) == 25
     before = {f.name: f.read_bytes() for f in out.iterdir()}
@@ -167,3 +192,31 @@ def test_the_grid_table_of_a_grid_still_running():
     lines = report.grid_table(report.Results(rows, best))
     assert lines[2:] == ["| Aligner N=1 | 0.01 | **0.700** | 25.0% | **0.500** | 12.5% | 6.2% | 50.0% |",
                          "| Aligner N=1 | 0.1 | 3.900 | 0.0% | - | - | - | - |"]
+
+
+def test_the_other_rules_curves_and_the_kernel_check():
+    """The curves at the validation accuracy's learning rate sit beside the loss rule's, hits pooled over
+    seeds and the difference signed accuracy - loss; the kernel check puts a cell trained again in place
+    of the design's (seed 1 only) and pools the new draw with the other seeds."""
+    import claims_report as report
+
+    def curve(m, n, lr, seed, held, kernel="einsum"):  # held: hits of 32 at steps 50 and 400
+        at = [{"step": s, "score": h / 32, "recall": 1.0, "val_loss": 0.1} for s, h in zip((50, 400), held)]
+        return dict(task="knowledge", method=m, n=n, start=2, seed=seed, lr=lr, checkpoints=[50, 400], at=at,
+                    attention=kernel)
+    rows = [curve("lora-qv", 1, 0.003, s, (10, 20)) for s in (1, 2)]
+    rows += [curve("lora-qv", 1, 0.01, s, (30, 32)) for s in (1, 2)]
+    rows += [curve("aligner", 10, 0.03, 1, (1, 23), "sdpa"), curve("aligner", 10, 0.03, 2, (2, 19))]
+    best = [dict(task="knowledge", method=m, n=n, lr=lr) for m, n, lr in (("lora-qv", 1, 0.003),
+                                                                           ("aligner", 10, 0.03))]
+    res, sizes = report.Results(rows, best), {"knowledge": {"score": 32, "recall": 64}}
+    low, high = report.newcombe(64, 64, 40, 64)
+    assert report.rule_table(res, sizes)[2:] == [
+        f"| LoRA r=1 (wq, wv) | 2 -> 2 | 0.003 -> 0.01 | 50: 20 -> 60, 400: 40 -> 64 (of 64 -> 64) | +37.5 "
+        f"[{100 * low:+.1f}, {100 * high:+.1f}] |"]
+    again = dict(curve("aligner", 10, 0.03, 1, (3, 9)), threads=1)
+    lines = report.kernel_check(res, [again], sizes, best)
+    assert "| Aligner N=10, knowledge, lr 0.03, seed 1 | sdpa -> einsum | 1 -> 3 / 64 -> 64 | 23 -> 9 / " \
+           "64 -> 64 |" in lines
+    assert "| Aligner N=10 | 0.03 | 2 | 28/64 = 43.8% [32.3, 55.9] | 128/128 = 100.0% [97.1, 100.0] |" in lines
+    assert report.kernel_check(res, [], sizes, best) == []
