@@ -91,15 +91,17 @@ def train_demo(model, path: Path, seed: int, steps: int, dtype: str):
 
 
 def experiment_cell(method: str, seed: int, steps: int, dtype: str) -> dict:
-    """A form cell of form_vs_knowledge.py at the method's chosen learning rate."""
+    """A form cell of form_vs_knowledge.py at the method's chosen learning rate, under the einsum
+    attention (every command's default, and this experiment's since it was written)."""
     kind, n = ("aligner", 10) if method == "aligner-10" else ("lora", 8)
     return dict(task="form", method=kind, n=n, start=2, seed=seed, lr=LR[method], batch=8,
-                checkpoints=[steps], dtype=dtype, quick=False)
+                checkpoints=[steps], dtype=dtype, quick=False, attention="einsum")
 
 
 def train_cell(bench, cell: dict):
     """Train one experiment cell; returns its Trainer (the model keeps a LoRA's wrappers)."""
     torch.manual_seed(cell["seed"])  # as form_vs_knowledge.run_cell: the LoRA's A from this seed
+    bench.model.use_sdpa(cell["attention"] == "sdpa")  # as run_cell: the shared base, LoRA cells too
     make = fvk.lora_trainer if cell["method"] == "lora" else fvk.aligner_trainer
     trainer = make(bench, bench.tasks["form"], cell)
     for _ in range(cell["checkpoints"][-1]):
