@@ -136,7 +136,7 @@ class RunFiles:
     last save left them. `out` None, or a process that is not the first rank: nothing is written."""
 
     def __init__(self, out, inputs, base, resume: bool, writer: bool = True):
-        self.out, self.resume, self.metrics = out, resume, None
+        self.out, self.metrics = out, None
         if out:
             check_outputs([out], inputs, base)  # first: "." or "/" has no name to derive the metrics' from
             self.metrics = Path(out).with_suffix(".metrics.jsonl")
