@@ -18,7 +18,7 @@ import torch
 from aligner import merged_bias
 from convert_weights import hf_layout
 from support import report
-from support.adapter_file import base_dir, load_aligner
+from support.adapter_file import base_dir, fitting, load_aligner
 from support.checkpoint import read_state, write_dir
 from support.errors import UserError, run_main
 from support.hf import to_hf
@@ -46,7 +46,7 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
     check_output_dir(out, [src, adapter], force)  # before any work
     with new_directory(out, f"{src} + {adapter}") as tmp:
         args, state = read_state(src)
-        a.check_fits(args, str(src))
+        fitting(a, args, str(src))
         for layer in range(a.start_layer, args.n_layers):
             wo = state[f"layers.{layer}.attention.wo.weight"]  # (D, H*E)
             bias = merged_bias(a, layer, state[f"layers.{layer}.attention.wv.weight"], wo, args)  # (D,)

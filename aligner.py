@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from model import ModelArgs
-from support.errors import UserError
 
 
 class Aligner(nn.Module):
@@ -28,10 +27,10 @@ class Aligner(nn.Module):
                  meta=None):
         super().__init__()
         if n_tokens < 1:
-            raise UserError(f"--tokens must be at least 1, got {n_tokens}")
+            raise ValueError(f"--tokens must be at least 1, got {n_tokens}")
         if not 0 <= start_layer < args.n_layers:
-            raise UserError(f"--start-layer must be in 0..{args.n_layers - 1} for this "
-                            f"{args.n_layers}-layer model, got {start_layer}")
+            raise ValueError(f"--start-layer must be in 0..{args.n_layers - 1} for this "
+                             f"{args.n_layers}-layer model, got {start_layer}")
         self.n_tokens, self.start_layer, self.per_layer = n_tokens, start_layer, per_layer
         self.dim, self.n_layers, self.n_heads = args.dim, args.n_layers, args.n_heads
         self.meta = dict(meta or {})  # plain facts saved with the file: base model, template, ...
@@ -53,15 +52,16 @@ class Aligner(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def check_fits(self, args: ModelArgs, name="the model"):
-        """The base model has this Aligner's shape, and no Aligner merged into it already."""
+        """The base model has this Aligner's shape, and no Aligner merged into it already (a ValueError,
+        as model.py raises: the commands print it as one line, support/adapter_file.py `fitting`)."""
         mine = (self.dim, self.n_layers, self.n_heads)
         if mine != (args.dim, args.n_layers, args.n_heads):
-            raise UserError(f"this adapter is for a model with dim {mine[0]}, {mine[1]} layers, "
-                            f"{mine[2]} heads, but {name} has dim {args.dim}, {args.n_layers} "
-                            f"layers, {args.n_heads} heads: pick the base model it was trained on")
+            raise ValueError(f"this adapter is for a model with dim {mine[0]}, {mine[1]} layers, "
+                             f"{mine[2]} heads, but {name} has dim {args.dim}, {args.n_layers} "
+                             f"layers, {args.n_heads} heads: pick the base model it was trained on")
         if args.wo_bias_from >= 0:
-            raise UserError(f"{name} already has an Aligner merged into it (adapter.py merge): use it "
-                            f"without an adapter, or the original base model")
+            raise ValueError(f"{name} already has an Aligner merged into it (adapter.py merge): use it "
+                             f"without an adapter, or the original base model")
 
 
 class AlignerBatch(nn.Module):
@@ -73,7 +73,7 @@ class AlignerBatch(nn.Module):
     def __init__(self, aligners: list, args: ModelArgs):
         super().__init__()
         if len({a.n_tokens for a in aligners}) > 1:
-            raise UserError("Aligners with different token counts go in separate batches")
+            raise ValueError("Aligners with different token counts go in separate batches")
         n = aligners[0].n_tokens if aligners else 1
         self.start_layer = min((a.start_layer for a in aligners), default=args.n_layers)
         tokens = torch.zeros(len(aligners) + 1, args.n_layers, n, args.dim)  # (A + 1, L, N, D)

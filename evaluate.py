@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from generate import Sampling, generate_batch
-from support.adapter_file import load_aligner, one_base
+from support.adapter_file import fitting, load_aligner, one_base
 from support.checkpoint import load_base
 from support.errors import UserError
 from support.flags import Runtime, count, flag, path_text, positive_float, positive_int, run_command
@@ -247,8 +247,7 @@ def evaluate(cfg: EvalConfig, runtime: Runtime):
     results = {}
     for name, aligner in runs:
         if aligner is not None:
-            aligner.check_fits(base.model.args, name)
-            aligner.to(base.model.output.weight.device)
+            fitting(aligner, base.model.args, name).to(base.model.output.weight.device)
         lm = aligner_lm(base, aligner, cfg.batch_size, max_length)
         results[name] = evaluate_one(lm_eval, lm, cfg, manager)
         print(f"\n{name}:\n{make_table(results[name])}", flush=True)

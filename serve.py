@@ -21,7 +21,7 @@ from pathlib import Path
 
 from serving.engine import Engine, Limits
 from serving.http import make_app, uvicorn_server
-from support.adapter_file import column, load_aligner, one_base
+from support.adapter_file import column, fitting, load_aligner, one_base
 from support.checkpoint import load_base
 from support.errors import UserError, run_main
 from support.flags import (Runtime, check_flags, count, flag, non_negative_float, parse_flags, path_text,
@@ -88,7 +88,7 @@ def load_served(cfg: ServeConfig, runtime: Runtime):
     model, tok, _ = base
     served = {"base": column("base", None, "alpaca", base)}
     for name, (where, a) in zip(names, adapters):
-        a.check_fits(model.args, where)
+        fitting(a, model.args, where)
         try:
             served[name] = column(name, a.to(device), a.meta.get("template", "alpaca"), base)
         except UserError as e:

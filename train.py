@@ -206,14 +206,17 @@ def make_aligner(cfg: TrainConfig, model: Transformer, path: Path, checkpoint, q
     meta = {"base": str(path.resolve()), "template": cfg.template, "mode": "dpo" if cfg.dpo else "sft",
             "data": Path(cfg.data).name, "quantize": quantize,
             **({"chat_template": chat.source} if chat else {})}
-    if checkpoint is not None:
-        aligner = checkpoint.aligner
-    elif cfg.init:
-        aligner = load_aligner(cfg.init, like=cfg)
-        aligner.meta.update(meta)
-    else:
-        aligner = Aligner(model.args, cfg.tokens, cfg.start_layer, cfg.per_layer, meta)
-    aligner.check_fits(model.args, str(path))
+    try:  # a --start-layer past this model's layers, a base with an Aligner merged in, an --init of another
+        if checkpoint is not None:
+            aligner = checkpoint.aligner
+        elif cfg.init:
+            aligner = load_aligner(cfg.init, like=cfg)
+            aligner.meta.update(meta)
+        else:
+            aligner = Aligner(model.args, cfg.tokens, cfg.start_layer, cfg.per_layer, meta)
+        aligner.check_fits(model.args, str(path))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return aligner
 
 

@@ -10,6 +10,7 @@ every field checked.
     with files: files.log(row); files.save(aligner, optimizer, step, cfg)  # + out.metrics.jsonl
     checkpoint = files.checkpoint({"--tokens": 1})  # for --resume: .aligner, .step, .restore(optimizer)
     aligner = load_aligner("sft.pt", like=cfg)  # --init, its --tokens/--start-layer/--per-layer as cfg's
+    aligner = fitting(aligner, model.args, "checkpoints/x")  # or a UserError: another base's adapter
     model, tok, columns = load_for_generation(cfg, runtime)  # generate.py: the base and a Column each
 
 The format ("aligner-v1"): {"format", "tokens", "gates", "config": {n_tokens, start_layer,
@@ -52,6 +53,16 @@ def load_aligner(path, like=None) -> Aligner:
     """Our adapter file, a training checkpoint, or an official released Aligner checkpoint. With
     `like` (train.py's --init: its config), the flags that define an Aligner must say what it is."""
     return from_state(load_weights(path), path) if like is None else load_init(path, like)
+
+
+def fitting(a: Aligner, args: ModelArgs, name: str) -> Aligner:
+    """`a`, once Aligner.check_fits says it fits the base `name` with these args (its ValueError is
+    the user's: an adapter of another base, or a base with an Aligner merged in, one line)."""
+    try:
+        a.check_fits(args, name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return a
 
 
 def base_dir(a: Aligner, where="the adapter", model=None) -> Path:
@@ -121,7 +132,7 @@ def from_tensors(tokens, gates, start_layer: int, per_layer: bool, meta: dict, w
     try:  # the checks of a flag, here on numbers the file holds: the file is damaged, no flag is bad
         args = ModelArgs(dim=dim, n_layers=start_layer + n_gated, n_heads=n_heads)
         aligner = Aligner(args, n_tokens, start_layer, per_layer, meta)
-    except UserError as e:
+    except ValueError as e:
         raise UserError(f"{where}: the file is damaged: its {str(e).lstrip('-')}") from None
     aligner.load_state_dict({"tokens": tokens.float(), "gates": gates.float()})
     return aligner
@@ -141,6 +152,10 @@ class RunFiles:
             check_outputs([out], inputs, base)  # first: "." or "/" has no name to derive the metrics' from
             self.metrics = Path(out).with_suffix(".metrics.jsonl")
             check_outputs([self.metrics], inputs, base)
+            if not resume and self.metrics.exists() and not Path(out).exists():  # a.pt's, met by a.ckpt
+                raise UserError(f"{self.metrics} is there without {out}: the metrics of another run (an "
+                                f"--out of this name with another suffix?); move or delete it, or choose "
+                                f"another --out")
         if resume and not (out and Path(out).is_file()):
             raise UserError(f"--resume continues the checkpoint at --out, and {out!r} is no file: give the "
                             f"--out of the run to continue, or leave out --resume")
@@ -265,8 +280,7 @@ def load_for_generation(cfg, runtime):
     base = load_base(base, runtime, device)
     model, tok, path = base
     for _, a in adapters:
-        a.check_fits(model.args, str(path))
-        a.to(device)
+        fitting(a, model.args, str(path)).to(device)
     columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), base) for p, a in adapters]
     if cfg.compare or not columns:  # the base answers as the adapter is asked
         template = cfg.template or (columns[0].template if columns else "alpaca")

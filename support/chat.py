@@ -39,7 +39,8 @@ def template_of(model_dir) -> str:
     source = read_json_object(config).get("chat_template") if config.is_file() else None
     if not isinstance(source, str) or not source.strip():
         raise UserError(f"{model_dir} has no chat template (tokenizer_config.json's chat_template): "
-                        f"use the Alpaca template (--template alpaca), or a checkpoint that ships one")
+                        f"use a checkpoint that ships one, or the Alpaca template (train.py and generate.py "
+                        f"--template alpaca; chat.py talks only in a chat template)")
     return source
 
 

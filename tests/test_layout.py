@@ -1,7 +1,8 @@
 """The teaching layout: the primer (model.py, aligner.py, data.py, generate.py, train.py) comes first
 in the README and in every "Read next"; each primer file imports only primer files before it and the
-support package; the support package imports no primer file but model.py (and aligner.py, in
-adapter_file.py, which builds one); the primer stays small; no function anywhere is long or complex.
+support package, and aligner.py only model.py (its checks raise ValueError, as model.py's do); the
+support package imports no primer file but model.py (and aligner.py, in adapter_file.py, which
+builds one); the primer stays small; no function anywhere is long or complex.
 
     python tests/test_layout.py     # prints the line counts the README quotes
 """
@@ -58,7 +59,7 @@ def test_primer_files_import_only_earlier_primer_files_and_support():
         allowed |= {beside for beside, host in BESIDE.items() if host == name}
         local = {f for f in imports(ROOT / name) if not f.startswith("support/")}
         assert local <= allowed, f"{name} imports {local - allowed}"
-    assert imports(ROOT / "aligner.py") == {"model.py", "support/errors.py"}
+    assert imports(ROOT / "aligner.py") == {"model.py"}  # the guide: aligner.py imports only model.py
 
 
 def test_support_imports_no_primer_file_but_model_and_where_it_builds_an_aligner():

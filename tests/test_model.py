@@ -15,7 +15,7 @@ from references import (cached_and_full, nonzero_aligner, peft_logits, peft_mode
                         zero_gate_logits)
 
 from aligner import Aligner
-from support.adapter_file import from_state, load_aligner
+from support.adapter_file import fitting, from_state, load_aligner
 from support.errors import UserError
 from support.checkpoint import load_model
 from convert_weights import convert
@@ -234,8 +234,10 @@ def test_adapter_does_not_fit_other_model(tiny):
     _, path = tiny
     model = load_model(path)
     wrong = Aligner(CONFIGS["llama-2-7b"])
-    with pytest.raises(UserError, match="dim 4096"):
+    with pytest.raises(ValueError, match="dim 4096"):  # aligner.py's own
         wrong.check_fits(model.args)
+    with pytest.raises(UserError, match="dim 4096"):  # the commands' one line
+        fitting(wrong, model.args, str(path))
 
 
 def test_not_an_adapter(tmp_path):

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from test_train_generate import RECORDS, losses, train_args, wait_for_steps
 
 import train
+from support.adapter_file import RunFiles
 from support.checkpoint import load_model
 from convert_weights import convert
 from support.errors import Terminated, UserError
@@ -142,6 +143,18 @@ def test_staged_metrics_move_only_with_a_save(tmp_path):
         m.write({"step": 2, "loss": 2.0})
         m.publish()
     assert losses(path) == [2.5, 2.0]
+
+
+def test_metrics_without_their_checkpoint_are_another_runs(tmp_path):
+    """a.pt and a.ckpt share a.metrics.jsonl: the second run is refused before it replaces the first's
+    metrics, while a run again on its own --out (its checkpoint there) and --resume go on."""
+    (tmp_path / "a.pt").write_bytes(b"checkpoint")
+    (tmp_path / "a.metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="a.metrics.jsonl is there without .*a.ckpt"):
+        RunFiles(tmp_path / "a.ckpt", [], None, resume=False)
+    assert (tmp_path / "a.metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert RunFiles(tmp_path / "a.pt", [], None, resume=False).metrics == tmp_path / "a.metrics.jsonl"
+    assert RunFiles(tmp_path / "a.pt", [], None, resume=True).metrics == tmp_path / "a.metrics.jsonl"
 
 
 def test_two_runs_on_one_out_the_second_refused(tiny, tmp_path):
