@@ -46,7 +46,7 @@ def merge(adapter, out, model=None, fmt="ours", force=False):
     check_output_dir(out, [src, adapter], force)  # before any work
     with new_directory(out, f"{src} + {adapter}") as tmp:
         args, state = read_state(src)
-        fitting(a, args, str(src))
+        fitting(a, args, src, adapter)
         for layer in range(a.start_layer, args.n_layers):
             wo = state[f"layers.{layer}.attention.wo.weight"]  # (D, H*E)
             bias = merged_bias(a, layer, state[f"layers.{layer}.attention.wv.weight"], wo, args)  # (D,)

@@ -242,12 +242,12 @@ def evaluate(cfg: EvalConfig, runtime: Runtime):
     base = load_base(base_path, runtime, runtime.pick_device())
     max_length = min(cfg.max_length or base.model.args.max_seq_len, base.model.args.max_seq_len)
     runs = ([("base", None)] if cfg.base or not adapters else []) + adapters
+    for name, aligner in adapters:  # every one before the first evaluation, not after the others' work
+        fitting(aligner, base.model.args, base.path, name).to(base.model.output.weight.device)
     if cfg.apply_chat_template:
         check_chat_templates(base, runs)
     results = {}
     for name, aligner in runs:
-        if aligner is not None:
-            fitting(aligner, base.model.args, name).to(base.model.output.weight.device)
         lm = aligner_lm(base, aligner, cfg.batch_size, max_length)
         results[name] = evaluate_one(lm_eval, lm, cfg, manager)
         print(f"\n{name}:\n{make_table(results[name])}", flush=True)

@@ -88,7 +88,7 @@ def load_served(cfg: ServeConfig, runtime: Runtime):
     model, tok, _ = base
     served = {"base": column("base", None, "alpaca", base)}
     for name, (where, a) in zip(names, adapters):
-        fitting(a, model.args, where)
+        fitting(a, model.args, base.path, where)
         try:
             served[name] = column(name, a.to(device), a.meta.get("template", "alpaca"), base)
         except UserError as e:

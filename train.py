@@ -240,13 +240,13 @@ def train_step(run: Run, cfg: TrainConfig):
     run.ranks.sum_grads(list(run.aligner.parameters()))
     loss_sum = run.ranks.all_sum(loss_sum)
     if not math.isfinite(loss_sum):
-        raise UserError(f"loss became {loss_sum} at step {run.step}: stopped; {cfg.out} keeps the last "
-                        f"good checkpoint (try a lower --lr)")
+        raise UserError(f"loss became {loss_sum} at step {run.step}: stopped unsaved; --out holds the last "
+                        f"good checkpoint if one was saved (try a lower --lr)")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if not all(torch.isfinite(p).all() for p in run.aligner.parameters()):
-        raise UserError(f"the Aligner became NaN or infinite at step {run.step}: stopped; {cfg.out} keeps "
-                        f"the last good checkpoint (try a lower --lr)")
+        raise UserError(f"the Aligner became NaN or infinite at step {run.step}: stopped unsaved; --out "
+                        f"holds the last good checkpoint if one was saved (try a lower --lr)")
     run.step += 1
     return loss_sum, lr, n_seen, mean(stats)
 

@@ -10,7 +10,7 @@ every field checked.
     with files: files.log(row); files.save(aligner, optimizer, step, cfg)  # + out.metrics.jsonl
     checkpoint = files.checkpoint({"--tokens": 1})  # for --resume: .aligner, .step, .restore(optimizer)
     aligner = load_aligner("sft.pt", like=cfg)  # --init, its --tokens/--start-layer/--per-layer as cfg's
-    aligner = fitting(aligner, model.args, "checkpoints/x")  # or a UserError: another base's adapter
+    aligner = fitting(aligner, model.args, "checkpoints/x", "a.pt")  # or a UserError: another base's adapter
     model, tok, columns = load_for_generation(cfg, runtime)  # generate.py: the base and a Column each
 
 The format ("aligner-v1"): {"format", "tokens", "gates", "config": {n_tokens, start_layer,
@@ -55,13 +55,14 @@ def load_aligner(path, like=None) -> Aligner:
     return from_state(load_weights(path), path) if like is None else load_init(path, like)
 
 
-def fitting(a: Aligner, args: ModelArgs, name: str) -> Aligner:
-    """`a`, once Aligner.check_fits says it fits the base `name` with these args (its ValueError is
-    the user's: an adapter of another base, or a base with an Aligner merged in, one line)."""
+def fitting(a: Aligner, args: ModelArgs, base, adapter) -> Aligner:
+    """`a`, read from the file `adapter`, once Aligner.check_fits says it fits the base directory `base`
+    with these args (its ValueError is the user's: an adapter of another base, or a base with an
+    Aligner merged in; one line that names both)."""
     try:
-        a.check_fits(args, name)
+        a.check_fits(args, str(base))
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"{adapter}: {e}") from None
     return a
 
 
@@ -138,6 +139,22 @@ def from_tensors(tokens, gates, start_layer: int, per_layer: bool, meta: dict, w
     return aligner
 
 
+def refuse_shared_metrics(out: Path, metrics: Path):
+    """a.pt, a.ckpt and a all keep their metrics in a.metrics.jsonl: refuse an --out that is a metrics
+    file's name, and metrics that are there while they may be another checkpoint's (theirs not at --out,
+    or another file there of the same name but the suffix)."""
+    if out.name.endswith(".metrics.jsonl"):
+        raise UserError(f"--out {out} is the name of a run's metrics file: name the checkpoint (e.g. .pt)")
+    if not metrics.exists():
+        return
+    others = [p.name for p in out.parent.iterdir() if p.with_suffix(".metrics.jsonl") == metrics
+              and p not in (out, metrics) and p.is_file()]
+    if others or not out.exists():
+        whose = ", ".join(others) or "its checkpoint"
+        raise UserError(f"{metrics} may be the metrics of another run ({whose} and not {out.name}): move or "
+                        f"delete it, or choose another --out")
+
+
 class RunFiles:
     """train.py's files at --out: the checkpoint (the Aligner that generate.py reads; the optimizer
     state, step and config that --resume reads) and OUT.metrics.jsonl beside it. Both are checked
@@ -152,10 +169,7 @@ class RunFiles:
             check_outputs([out], inputs, base)  # first: "." or "/" has no name to derive the metrics' from
             self.metrics = Path(out).with_suffix(".metrics.jsonl")
             check_outputs([self.metrics], inputs, base)
-            if not resume and self.metrics.exists() and not Path(out).exists():  # a.pt's, met by a.ckpt
-                raise UserError(f"{self.metrics} is there without {out}: the metrics of another run (an "
-                                f"--out of this name with another suffix?); move or delete it, or choose "
-                                f"another --out")
+            refuse_shared_metrics(Path(out), self.metrics)
         if resume and not (out and Path(out).is_file()):
             raise UserError(f"--resume continues the checkpoint at --out, and {out!r} is no file: give the "
                             f"--out of the run to continue, or leave out --resume")
@@ -279,8 +293,8 @@ def load_for_generation(cfg, runtime):
     device = runtime.pick_device()
     base = load_base(base, runtime, device)
     model, tok, path = base
-    for _, a in adapters:
-        fitting(a, model.args, str(path)).to(device)
+    for p, a in adapters:
+        fitting(a, model.args, path, p).to(device)
     columns = [column(p, a, cfg.template or a.meta.get("template", "alpaca"), base) for p, a in adapters]
     if cfg.compare or not columns:  # the base answers as the adapter is asked
         template = cfg.template or (columns[0].template if columns else "alpaca")

@@ -237,3 +237,19 @@ def test_bad_flags_are_one_line(tiny, flags, words):
 def test_a_flag_of_the_wrong_kind_is_argparses_usage_and_exit_2(tiny):
     r = run_cli("evaluate.py", "--model", str(tiny[1]), "--tasks", "aligner_mc", "--limit", "-3")
     assert r.returncode == 2 and "error: argument --limit: must be a finite number > 0" in r.stderr
+
+
+def test_an_adapter_of_another_base_is_refused_before_any_evaluation(tiny, tmp_path):
+    """Every adapter is checked against the base first: the good one is not evaluated and thrown away
+    before the bad one is found, and the line names the bad file and the base, each as what it is."""
+    from aligner import Aligner
+    from model import ModelArgs
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    save_aligner(nonzero_aligner(load_model(tiny[1]).args, 1), good)
+    save_aligner(Aligner(ModelArgs(dim=48, n_layers=3, n_heads=3), 1), bad)
+    out = tmp_path / "results.json"
+    r = run_cli("evaluate.py", "--model", str(tiny[1]), "--device", "cpu", "--tasks", "aligner_mc", "--limit",
+                "2", "--base", "--adapter", str(good), "--adapter", str(bad), "--output-path", str(out))
+    assert_clean_error(r, f"{bad}: this adapter is for a model with dim 48", f"but {tiny[1]} has dim")
+    assert "aligner_mc" not in r.stdout and not out.exists()  # no table printed: nothing evaluated

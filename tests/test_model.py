@@ -236,8 +236,8 @@ def test_adapter_does_not_fit_other_model(tiny):
     wrong = Aligner(CONFIGS["llama-2-7b"])
     with pytest.raises(ValueError, match="dim 4096"):  # aligner.py's own
         wrong.check_fits(model.args)
-    with pytest.raises(UserError, match="dim 4096"):  # the commands' one line
-        fitting(wrong, model.args, str(path))
+    with pytest.raises(UserError, match=f"wrong.pt: .*dim 4096.* but {path} has dim"):  # the commands' line
+        fitting(wrong, model.args, path, "wrong.pt")
 
 
 def test_not_an_adapter(tmp_path):

@@ -146,15 +146,22 @@ def test_staged_metrics_move_only_with_a_save(tmp_path):
 
 
 def test_metrics_without_their_checkpoint_are_another_runs(tmp_path):
-    """a.pt and a.ckpt share a.metrics.jsonl: the second run is refused before it replaces the first's
-    metrics, while a run again on its own --out (its checkpoint there) and --resume go on."""
+    """a.pt, a.ckpt and a share a.metrics.jsonl: a run whose metrics may be another checkpoint's is
+    refused before it replaces them, as is an --out named as a metrics file, while a run again on its
+    own --out (its checkpoint there, no other) and --resume go on."""
     (tmp_path / "a.pt").write_bytes(b"checkpoint")
     (tmp_path / "a.metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(UserError, match="a.metrics.jsonl is there without .*a.ckpt"):
-        RunFiles(tmp_path / "a.ckpt", [], None, resume=False)
+    for out in ("a.ckpt", "a", "a.metrics.jsonl", "b.metrics.jsonl"):  # another's, or a metrics name
+        with pytest.raises(UserError, match="metrics"):
+            RunFiles(tmp_path / out, [], None, resume=False)
     assert (tmp_path / "a.metrics.jsonl").read_text() == '{"step": 1}\n'
     assert RunFiles(tmp_path / "a.pt", [], None, resume=False).metrics == tmp_path / "a.metrics.jsonl"
     assert RunFiles(tmp_path / "a.pt", [], None, resume=True).metrics == tmp_path / "a.metrics.jsonl"
+    (tmp_path / "a.ckpt").write_bytes(b"another checkpoint")  # now a.metrics.jsonl may be either's
+    for resume in (False, True):
+        with pytest.raises(UserError, match="a.ckpt"):
+            RunFiles(tmp_path / "a.pt", [], None, resume=resume)
+    assert (tmp_path / "a.metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
 def test_two_runs_on_one_out_the_second_refused(tiny, tmp_path):
