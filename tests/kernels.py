@@ -7,7 +7,8 @@ fails here first.
 
 torch picks its vectorised kernels by the CPU it finds (ATEN_CPU_CAPABILITY overrides the choice
 downwards) and its sums' order by the thread count, so a fresh clone on another CPU runs other
-kernels than this one did. This runs `pytest -m numeric tests` (the tests that compare
+kernels than this one did (oneDNN, which float32 decoding runs, is held to the same width by
+ONEDNN_MAX_CPU_ISA). This runs `pytest -m numeric tests` (the tests that compare
 floating-point results, marked in each file) once per setting below that this CPU can execute,
 besides its own, which the main run covered; the real 135M-parameter model's comparison with
 transformers, and lm-eval's three routes (tests/test_evaluate.py: 45 s of lm-eval's own set-up a run;
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPABILITIES = ["default", "avx2", "avx512"]  # torch's x86 kernel families, narrowest first
+ONEDNN_ISA = {"default": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE"}  # oneDNN's (float32 decoding's)
 PROBE = ("import torch; x = torch.randn(4096); F = torch.nn.functional; "  # kernels that the model runs
          "(x.softmax(0) + x.log_softmax(0) + F.rms_norm(x, (4096,)) + x.exp() + x @ x).sum().item(); "
          "print(torch.backends.cpu.get_cpu_capability())")
@@ -39,7 +41,8 @@ def probe(env: dict) -> str:
 def settings() -> list:
     """[(name, environment or None when this CPU cannot run it)], this CPU's own family left out."""
     own = probe({})
-    runs = [(f"ATEN_CPU_CAPABILITY={c}", {"ATEN_CPU_CAPABILITY": c}) for c in CAPABILITIES if c != own]
+    runs = [(f"ATEN_CPU_CAPABILITY={c}", {"ATEN_CPU_CAPABILITY": c, "ONEDNN_MAX_CPU_ISA": ONEDNN_ISA[c]})
+            for c in CAPABILITIES if c != own]
     runs = [(name, env if probe(env) == env["ATEN_CPU_CAPABILITY"] else None) for name, env in runs]
     return [*runs, ("one thread", {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})]
 
