@@ -1,6 +1,6 @@
 # make demo: set up .venv and run the one-token Aligner demo on the embedded default model.
 # make test: set up .venv and run the test suite (what CI runs), then its numeric tests again under
-# the other CPU kernels this machine can run and one thread (tests/kernels.py).
+# the other CPU kernels this machine can run and one thread (tests/other_kernels.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
-	$(PY) tests/kernels.py
+	$(PY) tests/other_kernels.py
 
 # torch first: a machine with an NVIDIA driver gets PyPI's default CUDA build; a CPU-only machine
 # gets the CPU build (about 200 MB instead of several GB) from PyTorch's CPU index when it is

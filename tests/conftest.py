@@ -20,7 +20,7 @@ OFFICIAL = ROOT.parent / "shared" / "official_aligner"  # the released Aligner f
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "numeric: compares floating-point results; tests/kernels.py runs these "
+    config.addinivalue_line("markers", "numeric: compares floating-point results; tests/other_kernels.py runs these "
                                        "again under the other CPU kernels and one thread")
 
 

@@ -1,9 +1,9 @@
 """The numeric tests again, under the CPU kernels of other machines: what would fail on another CPU
 fails here first.
 
-    python tests/kernels.py            # make test runs it after the whole suite
-    python tests/kernels.py --full     # with the real SmolLM2 and lm-eval's three routes (~2 min more each)
-    python tests/kernels.py -x         # other words go to pytest
+    python tests/other_kernels.py            # make test runs it after the whole suite
+    python tests/other_kernels.py --full     # with the real SmolLM2 and lm-eval's three routes (~2 min more each)
+    python tests/other_kernels.py -x         # other words go to pytest
 
 torch picks its vectorised kernels by the CPU it finds (ATEN_CPU_CAPABILITY overrides the choice
 downwards) and its sums' order by the thread count, so a fresh clone on another CPU runs other
