@@ -34,7 +34,7 @@ from support.errors import UserError, run_main
 from support.flags import (DTYPES, QUANTIZE, bfloat16_units, check_flags, decode_dtype, device_name, flag,
                            fraction, parse_flags, positive_int)
 from support.hf import hf_state
-from support.quantize import pack_for_cpu, quantize_base, storage_bytes
+from support.quantize import onednn_for_cpu, quantize_base, storage_bytes
 from train import sft_loss
 
 
@@ -333,7 +333,7 @@ def contenders_in(cfg, margs, device, dtype: str, weights: dict) -> list:
             print("transformers/peft not installed: measuring ours only")
     quantize_base(model, cfg.quantize)
     if cfg.quantize == "none" and not cfg.compile:
-        pack_for_cpu(model)  # as load_base decodes: float32 on a CPU through oneDNN's layout
+        onednn_for_cpu(model)  # as load_base decodes: float32 on a CPU through oneDNN's kernel
     weights["ours", dtype] = sum(storage_bytes(t) for t in {id(p): p for p in model.parameters()}.values())
     print(f"our weights, {dtype}: {weights['ours', dtype] / 2**30:.2f} GiB ({cfg.quantize} quantization "
           f"of the layers)")

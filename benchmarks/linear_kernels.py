@@ -7,9 +7,9 @@ At batch 1 a decoding step is a product of one row with each weight matrix (x (1
 speed is the rate at which the weights stream in from memory. For each weight shape of the model
 (wq/wo, wk/wv, w1/w3, w2, the output projection) this times, on enough copies of the matrix that
 they do not stay in cache (as a step's 540 MB do not): F.linear (what nn.Linear, model.py and
-transformers all run), the same product from a weight stored transposed, and oneDNN's linear on a
-weight converted to its own layout (torch.utils.mkldnn's). It prints GB/s of weights read, median
-of --rounds. docs/performance.md says what the figures meant for generate.py.
+transformers all run), the same product from a weight stored transposed, and oneDNN's float32 linear
+(what support/quantize.py's OneDNNLinear runs for decoding) on the weight itself. It prints GB/s of
+weights read, median of --rounds. docs/performance.md says what the figures meant for generate.py.
 Read next: docs/performance.md.
 """
 import argparse
@@ -52,11 +52,10 @@ def kernels(out_dim: int, in_dim: int, copies: int, dtype) -> dict:
     x = torch.randn(1, 1, in_dim, dtype=dtype)  # (1, 1, in): one token
     weights = [torch.randn(out_dim, in_dim).to(dtype) for _ in range(copies)]  # (out, in) each
     transposed = [w.t().contiguous() for w in weights]  # (in, out) each
-    onednn = [w.to_mkldnn() for w in weights]  # oneDNN's own layout
     return {"F.linear": [lambda w=w: F.linear(x, w) for w in weights],
             "x @ W^T stored": [lambda w=w: x @ w for w in transposed],
             "oneDNN linear": [lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
-                              for w in onednn]}
+                              for w in weights]}
 
 
 def main(argv=None):

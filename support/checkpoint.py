@@ -21,7 +21,7 @@ from model import ModelArgs, Transformer
 from support.chat import Chat, chat_of
 from support.errors import UserError
 from support.inputs import read_json_object
-from support.quantize import pack_for_cpu, quantize_base
+from support.quantize import onednn_for_cpu, quantize_base
 from support.tokenizer import Tokenizer
 
 
@@ -159,9 +159,9 @@ class Base(NamedTuple):
 def load_base(path, runtime, device, model=None, training=None) -> Base:
     """The Base of a converted directory (None: the embedded default, converted on first use), as
     every command runs it: in the runtime's dtype on `device`, quantized when asked (else, to decode
-    in float32 on a CPU, packed), its causal attention through the einsum lines or sdpa. `model`: a base
-    already loaded (the experiment shares one), set up the same way. `training` (a train.TrainConfig):
-    first refuse a run whose memory floor exceeds what is free."""
+    in float32 on a CPU, through oneDNN), its causal attention through the einsum lines or sdpa.
+    `model`: a base already loaded (the experiment shares one), set up the same way. `training` (a
+    train.TrainConfig): first refuse a run whose memory floor exceeds what is free."""
     from support.convert import model_dir  # convert.py writes directories through this file
     from support.memory import check_training  # memory.py reads params.json through this file
 
@@ -171,7 +171,7 @@ def load_base(path, runtime, device, model=None, training=None) -> Base:
     if model is None:
         model = load_model(path, device, runtime.pick_dtype(device), runtime.quantize)
         if training is None and runtime.quantize == "none" and not runtime.compile:  # decoding, evaluating
-            pack_for_cpu(model)  # float32 on a CPU: each weight also in oneDNN's layout (quantize.py)
+            onednn_for_cpu(model)  # float32 on a CPU: its products through oneDNN's kernel (quantize.py)
     model.use_sdpa(runtime.attention == "sdpa")
     return Base(model, Tokenizer(path, model.args.vocab_size), path)
 

@@ -1,8 +1,8 @@
 """The frozen base in 8 or 4 bits (torchao, optional), swapped in after loading; and in float32 on a
-CPU, each weight also in oneDNN's layout for decoding.
+CPU, its products for decoding through oneDNN's kernel.
 
     model = quantize_base(load_model(path), "int8")   # or "nf4"; "none" leaves it as it is
-    model = pack_for_cpu(model)                        # load_base does it for float32 decoding on a CPU
+    model = onednn_for_cpu(model)                      # load_base does it for float32 decoding on a CPU
     storage_bytes(tensor)                              # what a (quantized) tensor really holds
 
 Not run on its own. Read next: convert.py (how a checkpoint of another format becomes a converted directory).
@@ -52,36 +52,31 @@ def quantize_base(model, mode: str):
     return model
 
 
-class PackedLinear(torch.nn.Linear):
-    """nn.Linear, the same x W^T + b, computed without gradients by oneDNN's linear on `packed`, a copy
-    of the weight in oneDNN's own layout: on this project's 2-core AMD CPU it reads a weight 1.1x to 2x
-    as fast as F.linear's MKL kernel (benchmarks/linear_kernels.py), and a float32 decoding step is
-    little else. With gradients on (training) it is nn.Linear's own forward."""
+class OneDNNLinear(torch.nn.Linear):
+    """nn.Linear, the same x W^T + b on the same weight, computed without gradients by oneDNN's float32
+    linear instead of F.linear's MKL kernel: on this project's 2-core AMD CPU it reads the large weights
+    (w1, w3, the output projection) 1.2x to 1.9x as fast and the smallest (wk, wv) slower, and a float32
+    decoding step is little else (benchmarks/linear_kernels.py, docs/performance.md). With gradients on
+    (training) it is nn.Linear's own forward."""
 
     def forward(self, x):
         if torch.is_grad_enabled():
             return super().forward(x)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none",
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none",
                                                [None], "")  # (rows, out)
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
-def pack_for_cpu(model):
-    """Every nn.Linear of a float32 model on a CPU made a PackedLinear, its weight kept as it is (the
-    tied embeddings, state_dict and merges read it): twice the weights' memory, for decoding. Left as it
-    is where oneDNN is missing, the model is in another dtype or on a GPU, or the copies would not fit
-    twice over in the free memory. Pack after the weights are final: a weight changed later is not seen
-    by the packed copy."""
-    from support.memory import available  # memory.py imports checkpoint.py, which imports this file
-
-    weight, linears = model.output.weight, [m for m in model.modules() if type(m) is torch.nn.Linear]
-    free, copies = available(weight.device), sum(m.weight.numel() * 4 for m in linears)  # bytes
+def onednn_for_cpu(model):
+    """Every nn.Linear of a float32 model on a CPU made a OneDNNLinear: the same module, parameters and
+    all (nothing copied); only the kernel of its products without gradients differs. Left as it is on
+    a GPU, in another dtype, or where torch has no oneDNN or has it turned off."""
+    weight = model.output.weight
     if weight.dtype is not torch.float32 or weight.device.type != "cpu" \
-            or free is not None and 2 * copies > free or not torch.backends.mkldnn.is_available():
-        return model  # (a GPU, bfloat16, a torch built without oneDNN, no room for the copies)
-    for linear in linears:
-        linear.__class__ = PackedLinear  # the same module, parameters and all; only forward differs
-        linear.packed = linear.weight.detach().to_mkldnn()  # (out, in) in oneDNN's layout
+            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return model
+    for linear in [m for m in model.modules() if type(m) is torch.nn.Linear]:
+        linear.__class__ = OneDNNLinear
     return model
 
 

@@ -326,37 +326,46 @@ def test_cache_refuses_another_aligner(tiny):
 
 
 @pytest.mark.numeric
-def test_packed_weights_compute_nn_linear_and_train_as_before(tiny):
-    """pack_for_cpu (load_base's, for float32 decoding on a CPU) changes the kernel, not the function:
-    each product equals a float64 x W^T + b within float32's rounding; the model's logits, decoded with
-    a KV cache and an Aligner, equal the unpacked model's; the tied weights stay one tensor; with
-    gradients on, the Aligner's gradient is the unpacked model's exactly (nn.Linear's own forward)."""
-    from support.quantize import PackedLinear, pack_for_cpu
+def test_onednn_linears_compute_nn_linear_and_train_as_before():
+    """onednn_for_cpu (load_base's, for float32 decoding on a CPU) changes the kernel, not the function:
+    on a base with every kind of bias (Qwen2's on wq/wk/wv, a merged Aligner's on wo) and tied weights,
+    each product equals a float64 x W^T + b within float32's rounding (the same check fails when the
+    bias is dropped); the logits, decoded with a KV cache and an Aligner, equal the plain model's; with
+    gradients on, the Aligner's gradient is the plain model's exactly (nn.Linear's own forward)."""
+    import copy
+
+    from model import ModelArgs, Transformer
+    from support.quantize import OneDNNLinear, onednn_for_cpu
     from support.tolerance import check_close
 
-    _, path = tiny
-    plain, packed = load_model(path), pack_for_cpu(load_model(path))
     if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN: pack_for_cpu leaves the model as it is")
-    layer = packed.layers[1].attention.wq
-    assert type(layer) is PackedLinear and type(plain.layers[1].attention.wq) is torch.nn.Linear
-    x = torch.randn(3, 5, layer.in_features)  # (B, T, D)
+        pytest.skip("this torch has no oneDNN: onednn_for_cpu leaves the model as it is")
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=160,
+                     max_seq_len=32, tie_embeddings=True, qkv_bias=True, wo_bias_from=3)
+    plain = Transformer(args).requires_grad_(False).eval()
+    for p in plain.parameters():
+        p.normal_(0, 0.1)
+    fast = onednn_for_cpu(copy.deepcopy(plain))
+    wq, wo = fast.layers[1].attention.wq, fast.layers[3].attention.wo
+    assert type(wq) is OneDNNLinear and type(plain.layers[1].attention.wq) is torch.nn.Linear
+    assert fast.output.weight is fast.tok_embeddings.weight
+    x = torch.randn(3, 5, args.dim)  # (B, T, D)
     with torch.no_grad():
-        exact = x.double() @ layer.weight.double().T  # (B, T, out)
-        assert_close(layer(x), exact, terms=layer.in_features, what="one packed product")
-        layer.packed = (layer.weight * 1.001).to_mkldnn()  # a stale copy: the same check must fail
-        assert not check_close(layer(x), exact, terms=layer.in_features)[0]
-        layer.packed = layer.weight.to_mkldnn()
-    aligner = nonzero_aligner(plain.args, 2)
+        for layer in (wq, wo):
+            exact = x.double() @ layer.weight.double().T + layer.bias.double()  # (B, T, out)
+            assert_close(layer(x), exact, terms=args.dim, what="one oneDNN product")
+            no_bias = exact - layer.bias.double()  # (B, T, out): what a kernel that drops the bias gives
+            assert not check_close(layer(x), no_bias, terms=args.dim)[0]
+    aligner = nonzero_aligner(args, 2)
     ids = torch.tensor([[5, 9, 3, 7, 1, 2]])  # (1, T)
     with torch.inference_mode():
-        assert_close(packed(ids, aligner), plain(ids, aligner), **logits_sums(plain.args, 8), what="logits")
-        cached = cached_and_full(packed, ids[0].tolist(), aligner)[0]  # (T, vocab)
-        assert_close(cached, plain(ids, aligner)[0], **logits_sums(plain.args, 8), what="cached logits")
-    assert packed.output.weight is packed.tok_embeddings.weight or not packed.args.tie_embeddings
+        assert_close(fast(ids, aligner), plain(ids, aligner), **logits_sums(args, 8), what="logits")
+        cached = cached_and_full(fast, ids[0].tolist(), aligner)[0]  # (T, vocab)
+        assert_close(cached, plain(ids, aligner)[0], **logits_sums(args, 8), what="cached logits")
     grads = []
-    for model in (plain, packed):
-        a = nonzero_aligner(plain.args, 2)
+    for model in (plain, fast):
+        a = nonzero_aligner(args, 2)
         torch.nn.functional.cross_entropy(model(ids, a)[0], ids[0]).backward()
         grads.append(a.tokens.grad)
     assert torch.equal(*grads)  # the same kernels, in the same order, with gradients on
