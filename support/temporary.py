@@ -129,21 +129,45 @@ def write_failed(path, error: OSError) -> UserError:
     return UserError(f"cannot write {path}: {why}; {path} is as it was before this run")
 
 
+def new_folders(target: Path) -> list:
+    """The folders on the way to `target` that were not there, made now (deepest first)."""
+    missing = [p for p in target.parents if not p.exists()]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(target, e) from None
+    return missing
+
+
+def remove_if_empty(folders: list):
+    """`folders` (deepest first) removed while each is empty: a run that stopped before writing its
+    file leaves no folders it made behind it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: what is in it stays, and the folders above it
+            return
+
+
 @contextmanager
 def held_file(target: Path):
-    """(fd, path) of a new locked temporary file beside `target`, removed when the block ends;
-    refused while another live run holds one (it is writing the same file)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    refuse_shared(target)
-    tmp = temporary_name(target)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, usual_mode())
-    lock(fd)
+    """(fd, path) of a new locked temporary file beside `target`, removed when the block ends with
+    the folders made for it if nothing else is in them; refused while another live run holds one
+    (it is writing the same file)."""
+    made = new_folders(target)
     try:
-        yield fd, tmp
+        refuse_shared(target)
+        tmp = temporary_name(target)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, usual_mode())
+        lock(fd)
+        try:
+            yield fd, tmp
+        finally:
+            os.close(fd)
+            if tmp.exists():
+                tmp.unlink()
     finally:
-        os.close(fd)
-        if tmp.exists():
-            tmp.unlink()
+        remove_if_empty(made)
 
 
 def atomic_write(path, write):
@@ -151,10 +175,6 @@ def atomic_write(path, write):
     keeps its mode when it existed (a new one gets the usual mode)."""
     path = Path(path)
     refuse_non_file(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_failed(path, e) from None
     mode = path.stat().st_mode & 0o777 if path.is_file() else usual_mode()
     with held_file(path) as (fd, tmp):
         f = Recording(open(os.dup(fd), "wb"))
@@ -260,8 +280,7 @@ def new_directory(out: Path, source: str):
     an error its files get the usual modes, a marker saying this project wrote it (from `source`),
     and it is renamed to `out` (an old `out`, already allowed by the caller, is removed first)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(out)
+    made, tmp = new_folders(out), temporary_name(out)
     tmp.mkdir(mode=0o700)
     fd = os.open(tmp, os.O_RDONLY)
     lock(fd)
@@ -280,6 +299,7 @@ def new_directory(out: Path, source: str):
         os.close(fd)
         if tmp.exists():
             shutil.rmtree(tmp)
+        remove_if_empty(made)
 
 
 class StagedLines:

@@ -145,6 +145,41 @@ def test_staged_metrics_move_only_with_a_save(tmp_path):
     assert losses(path) == [2.5, 2.0]
 
 
+def test_folders_made_for_an_output_go_with_a_run_that_wrote_nothing(tmp_path):
+    """A run that stops before its first save (a loss that diverged at step 1), a failed write or a
+    failed conversion leaves none of the folders it made for its output; a folder holding anything
+    else stays, and so do the folders of an output that was written."""
+    def fails(write):
+        with pytest.raises(RuntimeError):
+            write()
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    def staged(path):
+        with StagedLines(path, keep=False) as m:
+            m.write({"step": 1})
+            raise RuntimeError("diverged before the first save")
+
+    def converted(path):
+        with new_directory(path, "test") as tmp:
+            (tmp / "params.json").write_text("{}")
+            raise RuntimeError("the conversion failed")
+
+    def written(path):
+        def half(f):
+            f.write(b"half")
+            raise RuntimeError("the writer failed")
+        atomic_write(path, half)
+
+    assert fails(lambda: staged(tmp_path / "a" / "b" / "out.metrics.jsonl")) == []
+    assert fails(lambda: converted(tmp_path / "a" / "b" / "model")) == []
+    assert fails(lambda: written(tmp_path / "a" / "b" / "out.pt")) == []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("the user's")
+    assert fails(lambda: staged(tmp_path / "a" / "b" / "c" / "out.metrics.jsonl")) == ["a", "a/notes.txt"]
+    atomic_write(tmp_path / "d" / "e" / "out.pt", lambda f: f.write(b"saved"))
+    assert (tmp_path / "d" / "e" / "out.pt").read_bytes() == b"saved"
+
+
 def test_metrics_without_their_checkpoint_are_another_runs(tmp_path):
     """a.pt, a.ckpt and a share a.metrics.jsonl: a run whose metrics may be another checkpoint's is
     refused before it replaces them, as is an --out named as a metrics file, while a run again on its
