@@ -130,13 +130,18 @@ def write_failed(path, error: OSError) -> UserError:
 
 
 def new_folders(target: Path) -> list:
-    """The folders on the way to `target` that were not there, made now (deepest first)."""
-    missing = [p for p in target.parents if not p.exists()]
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_failed(target, e) from None
-    return missing
+    """The folders on the way to `target` that were not there, made now; returns those this call
+    made, deepest first (a name like a/../b that turns out to be a folder already there is not)."""
+    made = []
+    for folder in reversed([p for p in target.parents if not p.is_dir()]):  # the outermost first
+        try:
+            folder.mkdir()
+            made.insert(0, folder)
+        except OSError as e:
+            if not folder.is_dir():  # a file in the way, no permission, a read-only file system
+                remove_if_empty(made)
+                raise write_failed(target, e) from None
+    return made
 
 
 def remove_if_empty(folders: list):

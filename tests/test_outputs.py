@@ -176,6 +176,11 @@ def test_folders_made_for_an_output_go_with_a_run_that_wrote_nothing(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("the user's")
     assert fails(lambda: staged(tmp_path / "a" / "b" / "c" / "out.metrics.jsonl")) == ["a", "a/notes.txt"]
+    (tmp_path / "empty").mkdir()  # a user's empty folder, named by a path through folders not yet there
+    assert fails(lambda: staged(tmp_path / "x" / ".." / "empty" / "m.jsonl")) == ["a", "a/notes.txt", "empty"]
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(UserError, match="cannot write"):
+        staged(tmp_path / "file" / "sub" / "m.jsonl")
     atomic_write(tmp_path / "d" / "e" / "out.pt", lambda f: f.write(b"saved"))
     assert (tmp_path / "d" / "e" / "out.pt").read_bytes() == b"saved"
 
