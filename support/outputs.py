@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 from support.errors import UserError
-from support.temporary import MARKER, SUFFIX, refuse_shared, remove_leftovers, temporary_name, written_files
+from support.temporary import (MARKER, SUFFIX, canonical, foreign_files, refuse_shared, remove_leftovers,
+                               temporary_name, written_files)
 
 
 def kind(path: Path) -> str:
@@ -37,17 +38,19 @@ def kind(path: Path) -> str:
 def same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
+    return os.path.realpath(a) == os.path.realpath(b)  # a link loop on the way stays as it is named
 
 
 def check_writable(out: Path):
-    """The nearest existing folder above `out` is a folder we may write in, and the name of the
-    temporary that the write makes beside `out` fits this file system."""
-    parent = Path(os.path.abspath(out)).parent
-    while not parent.exists():
+    """The nearest existing folder above `out`, followed as open() follows the name (a file or a
+    dangling or looping link on the way is met as such), is a folder we may write in, and the name
+    of the temporary that the write makes beside `out` fits this file system."""
+    parent = out.parent
+    while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"cannot write {out}: {parent} is a file, not a folder")
+        what = f"{kind(parent)} to {os.readlink(parent)}" if parent.is_symlink() else kind(parent)
+        raise UserError(f"cannot write {out}: {parent} is {what}, not a folder")
     try:  # a real write, not a permission bit: read-only file systems and /proc answer only to that
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
@@ -63,7 +66,7 @@ def check_output_file(out, inputs=(), input_dirs=()):
     """Refuse, before any work, an output file that could cost the user a file (see above); then
     remove the leftovers of dead runs that wrote it."""
     text, out = str(out), Path(out)
-    if text.endswith(("/", os.sep)) or out.name in ("", ".", ".."):
+    if os.path.basename(text) in ("", ".", ".."):  # DIR/, DIR/. and DIR/.. (pathlib drops a trailing /.)
         raise UserError(f"{text} names a directory; name a file for the output, e.g. {out / 'aligner.pt'}")
     if out.is_symlink():
         raise UserError(f"{out} is a symbolic link (to {os.readlink(out)}); name a file, not a link")
@@ -77,7 +80,7 @@ def check_output_file(out, inputs=(), input_dirs=()):
                             f"choose another output name")
     check_writable(out)
     refuse_shared(out)
-    remove_leftovers(Path(os.path.abspath(out)))
+    remove_leftovers(canonical(out))
 
 
 def check_outputs(outs, inputs, base):
@@ -95,18 +98,19 @@ def check_output_dir(out, sources=(), force=False, add=False):
     that adds to its folder, as the experiment resumes), a folder that holds files needs no --force,
     only the marker."""
     out, here = Path(out), Path.cwd().resolve()
-    where = out.resolve()
+    where = Path(os.path.realpath(out))  # as same_file: a link loop on the way stays as it is named
     if where == here or where in here.parents:
         raise UserError(f"{out} is the current directory or one above it; name a new directory")
     for source in map(Path, sources):
-        if where == source.resolve() or where in source.resolve().parents:
+        if where == Path(os.path.realpath(source)) or where in Path(os.path.realpath(source)).parents:
             raise UserError(f"{out} is where the input {source} lies; name a new directory")
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise UserError(f"{out} is {kind(out)}, not a directory; name a new directory")
     if out.is_dir() and any(out.iterdir()):
         check_replaceable(out, force, add)
     check_writable(out)
-    remove_leftovers(Path(os.path.abspath(out)))
+    refuse_shared(out)
+    remove_leftovers(canonical(out))
 
 
 def check_replaceable(out: Path, force: bool, add: bool):
@@ -125,13 +129,9 @@ def check_replaceable(out: Path, force: bool, add: bool):
 def check_only_ours(out: Path):
     """--force removes a directory only when every file in it is one its marker lists (caches that
     Python regenerates, __pycache__, aside): a file the user put there is never removed."""
-    ours = written_files(out)
-    if ours is None:
+    if written_files(out) is None:
         raise UserError(f"{out}: its {MARKER} marker lists no files (an older version wrote it): --force "
                         f"cannot tell its files from yours; remove it yourself or name a new directory")
-    for f in sorted(out.rglob("*")):
-        name = str(f.relative_to(out))
-        if "__pycache__" in f.parts or name == MARKER or name in ours or f.is_dir() and not f.is_symlink():
-            continue
+    for name in foreign_files(out)[:1]:
         raise UserError(f"{out} holds {name}, which this project did not write: --force removes only "
                         f"what it wrote; move that file out, or name a new directory")

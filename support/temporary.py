@@ -23,7 +23,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +44,12 @@ def usual_mode(directory=False) -> int:
 
 def temporary_name(target: Path) -> Path:
     return target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(8)}{SUFFIX}"
+
+
+def canonical(target: Path) -> Path:
+    """`target` in the folder its name means to the file system (links and `..` followed as open()
+    follows them): two spellings of one output find the same temporaries."""
+    return Path(os.path.realpath(Path(target).parent)) / Path(target).name
 
 
 def lock(fd: int) -> bool:
@@ -91,9 +99,10 @@ def process_alive(pid: int) -> bool:
 
 
 def other_writer(target: Path):
-    """The process id of another live run that holds a temporary of `target` (it is writing it), or None."""
+    """The process id of another live run that holds a temporary (file or directory) of `target`
+    (it is writing it), or None."""
     for entry, pid in temporaries(target):
-        if pid == os.getpid() or not entry.is_file(follow_symlinks=False):
+        if pid == os.getpid():
             continue
         fd = os.open(entry.path, os.O_RDONLY | os.O_NONBLOCK)
         try:
@@ -107,7 +116,7 @@ def other_writer(target: Path):
 
 def refuse_shared(target: Path):
     """One run writes a file at a time: a second run on the same output would mix the two."""
-    pid = other_writer(Path(os.path.abspath(target)))
+    pid = other_writer(canonical(target))
     if pid:
         raise UserError(f"{target} is being written by another run (process {pid}); wait for it to end, "
                         f"stop it, or name another output")
@@ -138,9 +147,10 @@ def new_folders(target: Path) -> list:
             folder.mkdir()
             made.insert(0, folder)
         except OSError as e:
-            if not folder.is_dir():  # a file in the way, no permission, a read-only file system
+            if not folder.is_dir():  # a file or a dangling link in the way, a read-only file system
                 remove_if_empty(made)
-                raise write_failed(target, e) from None
+                raise UserError(f"cannot write {target}: {folder} cannot be made a folder ({e.strerror}); "
+                                f"name another path") from None
     return made
 
 
@@ -234,6 +244,15 @@ def write_marker(folder: Path, source, files: list):
     (folder / MARKER).write_text(json.dumps(record) + "\n")
 
 
+def foreign_files(folder: Path) -> list:
+    """The files in `folder` that its marker does not list (every file, without a readable marker),
+    Python's __pycache__ aside: what --force and a replacement never remove."""
+    ours = written_files(folder) or set()
+    return [name for f in sorted(folder.rglob("*")) for name in [str(f.relative_to(folder))]
+            if "__pycache__" not in f.parts and name != MARKER and name not in ours
+            and (f.is_symlink() or not f.is_dir())]
+
+
 def written_files(folder: Path):
     """The files the marker in `folder` says this project wrote there; None without a readable marker."""
     try:
@@ -283,7 +302,7 @@ def writes_into(tmp: Path, out: Path):
 def new_directory(out: Path, source: str):
     """A locked temporary directory beside `out` for the block to fill; when the block ends without
     an error its files get the usual modes, a marker saying this project wrote it (from `source`),
-    and it is renamed to `out` (an old `out`, already allowed by the caller, is removed first)."""
+    and it is put in place as `out` (`put_in_place`)."""
     out = Path(out)
     made, tmp = new_folders(out), temporary_name(out)
     tmp.mkdir(mode=0o700)
@@ -297,14 +316,55 @@ def new_directory(out: Path, source: str):
         for f in tmp.rglob("*"):
             f.chmod(usual_mode(f.is_dir()))
         tmp.chmod(usual_mode(directory=True))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        put_in_place(tmp, out)
     finally:
         os.close(fd)
         if tmp.exists():
             shutil.rmtree(tmp)
         remove_if_empty(made)
+
+
+def put_in_place(tmp: Path, out: Path):
+    """The finished directory `tmp` renamed to `out`. An `out` already there (the gate allowed it:
+    empty, or only files this project wrote) is looked at again, since a file may have been put in it
+    while the run worked (then nothing is replaced: one line); it is renamed aside and removed once
+    `tmp` is in its place, with Ctrl-C and SIGTERM held meanwhile, so that `out` is always one of the
+    two, whole. Left open: a file written into `out` in the microseconds between that look and the
+    rename, and SIGKILL between the two renames (the old one is then the temporary beside `out`)."""
+    aside = temporary_name(out) if os.path.lexists(out) else None
+    if aside and foreign_files(out):
+        raise UserError(f"{out} now holds {foreign_files(out)[0]}, put there while this run worked: "
+                        f"nothing is replaced; move that file out and run again, or name a new directory")
+    with signals_held():
+        if aside:
+            os.rename(out, aside)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if aside:
+                os.rename(aside, out)
+            raise
+        if aside:
+            shutil.rmtree(aside)
+
+
+@contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM that arrive while the block runs take effect when it ends (Python runs
+    signal handlers in the main thread only, so elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, _: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
 
 
 class StagedLines:

@@ -7,6 +7,7 @@ run real commands as subprocesses and then look at every file."""
 import json
 import os
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -28,8 +29,8 @@ from convert_weights import convert
 from support.errors import Terminated, UserError
 from support.outputs import check_output_dir, check_output_file
 from support import memory
-from support.temporary import (MARKER, SUFFIX, StagedLines, added_folder, atomic_write, new_directory,
-                               remove_leftovers)
+from support.temporary import (MARKER, SUFFIX, StagedLines, added_folder, atomic_write, held_file,
+                               new_directory, remove_leftovers)
 from support.tolerance import assert_close, logits_sums
 
 
@@ -183,6 +184,100 @@ def test_folders_made_for_an_output_go_with_a_run_that_wrote_nothing(tmp_path):
         staged(tmp_path / "file" / "sub" / "m.jsonl")
     atomic_write(tmp_path / "d" / "e" / "out.pt", lambda f: f.write(b"saved"))
     assert (tmp_path / "d" / "e" / "out.pt").read_bytes() == b"saved"
+
+
+def test_a_directory_replaced_keeps_what_the_user_put_in_it_meanwhile(tmp_path):
+    """The gate allowed `out` before the work (empty, or with --force only this project's files); a
+    file put in it while the run worked stops the replacement with one line, and all of it stays."""
+    out = tmp_path / "m"
+    out.mkdir()
+    with pytest.raises(UserError, match="NOTES.txt"):
+        with new_directory(out, "test") as tmp:
+            (tmp / "params.json").write_text("new")
+            (out / "NOTES.txt").write_text("mine")
+    assert os.listdir(tmp_path) == ["m"] and os.listdir(out) == ["NOTES.txt"]
+    (out / "NOTES.txt").unlink()
+    with new_directory(out, "test") as tmp:
+        (tmp / "params.json").write_text("old")
+    with pytest.raises(UserError, match="results.csv"):  # --force over a directory of ours: the same
+        with new_directory(out, "test") as tmp:
+            (tmp / "params.json").write_text("new")
+            (out / "mine").mkdir()
+            (out / "mine" / "results.csv").write_text("mine")
+    assert (out / "params.json").read_text() == "old" and (out / "mine" / "results.csv").read_text() == "mine"
+
+
+def test_a_signal_while_a_directory_is_replaced_leaves_one_whole(tmp_path, monkeypatch):
+    """SIGTERM at the worst moment, right after the old `out` goes (removed, or renamed aside), leaves
+    `out` whole (the old one or the new) and no temporary."""
+    out = tmp_path / "m"
+    with new_directory(out, "test") as tmp:
+        (tmp / "w.txt").write_text("old")
+
+    class Stop(Exception):
+        pass
+
+    def signalled(real):
+        def call(path, *rest, **kw):
+            real(path, *rest, **kw)
+            if Path(path) == out:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return call
+
+    def stop(signum, frame):
+        raise Stop
+
+    monkeypatch.setattr(os, "rename", signalled(os.rename))
+    monkeypatch.setattr(shutil, "rmtree", signalled(shutil.rmtree))
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop):
+            with new_directory(out, "test") as tmp:
+                (tmp / "w.txt").write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.listdir(tmp_path) == ["m"] and (out / "w.txt").read_text() in ("old", "new")
+
+
+def test_an_output_another_run_is_writing_is_refused_however_it_is_named(tmp_path):
+    """A directory output another live run is making is refused, as a file is; so is a file named
+    through a link and `..` (link/../out.pt is real/out.pt when link is real/inner)."""
+    (tmp_path / "real" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "inner")
+    code = ("import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[3])\n"
+            "from support.temporary import held_file, new_directory\n"
+            "with new_directory(Path(sys.argv[1]), 'test'), held_file(Path(sys.argv[2])):\n"
+            "    print('ready', flush=True); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "real" / "out.pt"),
+                              str(ROOT)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        with pytest.raises(UserError, match="being written by another run"):
+            check_output_dir(tmp_path / "m")
+        with pytest.raises(UserError, match="being written by another run"):
+            check_output_file(tmp_path / "link" / ".." / "out.pt")
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("loop/sub/out.pt", "loop is a symbolic link"), ("absent/out.pt", "absent is a symbolic link to gone"),
+    ("file/../out.pt", "file is a file, not a folder"), ("new/.", "names a directory"),
+    ("new/..", "names a directory")])
+def test_a_name_the_file_system_reads_otherwise_is_one_line(tmp_path, name, words):
+    """Links that loop or lead nowhere, a file where a folder should be, a name ending in /. (which
+    pathlib reads as the folder): each refused by the gate with one line, as an output file, the
+    first three as an output directory, and a looping input passes the gate's comparison."""
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "absent").symlink_to("gone")
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(UserError, match=words):
+        check_output_file(f"{tmp_path}/{name}", inputs=[tmp_path / "loop"])
+    if not name.endswith("."):
+        with pytest.raises(UserError, match=words):
+            check_output_dir(Path(f"{tmp_path}/{name}").parent / "model", sources=[tmp_path / "loop"])
+    assert sorted(os.listdir(tmp_path)) == ["absent", "file", "loop"]
 
 
 def test_metrics_without_their_checkpoint_are_another_runs(tmp_path):
