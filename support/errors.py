@@ -6,7 +6,9 @@ command reports it and handles SIGTERM.
 
 SIGTERM (what `kill`, cluster schedulers and `docker stop` send) is raised as `Terminated`, a kind of
 KeyboardInterrupt, so every `with` block and `finally` cleans up as for Ctrl-C; the exit code is
-then 143 (Ctrl-C: 130). train.py's loop catches both at a step boundary and saves first.
+then 143 (Ctrl-C: 130). train.py's loop catches both at a step boundary and saves first. SIGINT
+is Ctrl-C's KeyboardInterrupt also in a command started in the background, which a shell starts
+ignoring SIGINT: `kill -INT` stops it as Ctrl-C would, with exit code 130.
 The line is one line whatever the message holds (a newline in a path is written \\n), starts on
 a line of its own while a progress bar is on screen, and a path that is not UTF-8 prints as its
 bytes (stdout and stderr take surrogate escapes) instead of failing the last print of a run.
@@ -32,6 +34,7 @@ def run_main(fn, *args):
     """Call fn(*args) the way every command's main() does: a UserError or a failed read or write is
     one line on stderr and exit code 2, Ctrl-C exit code 130, SIGTERM 143; no traceback for any."""
     signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started ignoring it (`nohup cmd &`)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file size limit: an OSError (EFBIG), not a kill
     for stream in (sys.stdout, sys.stderr):  # a path of bytes that are not UTF-8 prints as those bytes
         if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") == "utf8":

@@ -156,10 +156,11 @@ def wait_for_steps(folder, metrics_name, n, seconds=60):
 
 def stop_a_long_run(path, data, out, signum, steps: int):
     """Start a training that would run for ever, send `signum` once it has done `steps` steps;
-    (exit code, stdout, stderr)."""
+    (exit code, stdout, stderr). It starts ignoring SIGINT, as a shell starts a command with `&`."""
     proc = subprocess.Popen([sys.executable, "train.py", *train_args(path, data, out, "--max-steps", "100000",
                                                                      "--eval-every", "0", "--save-every", "0")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     wait_for_steps(out.parent, out.with_suffix(".metrics.jsonl").name, steps)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
