@@ -97,13 +97,15 @@ def check_output_dir(out, sources=(), force=False, add=False):
     or above one, anything but a directory, or one that --force may not replace. With `add` (a run
     that adds to its folder, as the experiment resumes), a folder that holds files needs no --force,
     only the marker."""
-    out, here = Path(out), Path.cwd().resolve()
+    text, out, here = str(out), Path(out), Path.cwd().resolve()
     where = Path(os.path.realpath(out))  # as same_file: a link loop on the way stays as it is named
     if where == here or where in here.parents:
         raise UserError(f"{out} is the current directory or one above it; name a new directory")
     for source in map(Path, sources):
         if where == Path(os.path.realpath(source)) or where in Path(os.path.realpath(source)).parents:
             raise UserError(f"{out} is where the input {source} lies; name a new directory")
+    if os.path.basename(text.rstrip("/")) == "..":  # DIR/..: its temporary would land inside DIR
+        raise UserError(f"{out} ends in ..; name the directory itself")
     if out.is_symlink() or out.exists() and not out.is_dir():
         raise UserError(f"{out} is {kind(out)}, not a directory; name a new directory")
     if out.is_dir() and any(out.iterdir()):

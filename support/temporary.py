@@ -245,12 +245,19 @@ def write_marker(folder: Path, source, files: list):
 
 
 def foreign_files(folder: Path) -> list:
-    """The files in `folder` that its marker does not list (every file, without a readable marker),
-    Python's __pycache__ aside: what --force and a replacement never remove."""
+    """What in `folder` its marker does not list (all of it, without a readable marker): files, links,
+    and folders that hold none of the listed files; Python's compiled files in __pycache__ aside. What
+    --force and a replacement never remove."""
     ours = written_files(folder) or set()
-    return [name for f in sorted(folder.rglob("*")) for name in [str(f.relative_to(folder))]
-            if "__pycache__" not in f.parts and name != MARKER and name not in ours
-            and (f.is_symlink() or not f.is_dir())]
+    above = {str(p) for name in ours for p in Path(name).parents}  # the folders of the listed files
+    found = []
+    for f in sorted(folder.rglob("*")):
+        name = str(f.relative_to(folder))
+        if f.is_dir() and not f.is_symlink():
+            found += [] if name in above or f.name == "__pycache__" else [name]
+        elif not (name in ours or name == MARKER or f.parent.name == "__pycache__" and f.suffix == ".pyc"):
+            found.append(name)
+    return found
 
 
 def written_files(folder: Path):
@@ -332,9 +339,12 @@ def put_in_place(tmp: Path, out: Path):
     two, whole. Left open: a file written into `out` in the microseconds between that look and the
     rename, and SIGKILL between the two renames (the old one is then the temporary beside `out`)."""
     aside = temporary_name(out) if os.path.lexists(out) else None
+    if aside and not stat.S_ISDIR(os.lstat(out).st_mode):
+        raise UserError(f"{out} is now {'a link' if out.is_symlink() else 'a file'}, put there while this "
+                        f"run worked: nothing is replaced; move it and run again, or name a new directory")
     if aside and foreign_files(out):
         raise UserError(f"{out} now holds {foreign_files(out)[0]}, put there while this run worked: "
-                        f"nothing is replaced; move that file out and run again, or name a new directory")
+                        f"nothing is replaced; move it out and run again, or name a new directory")
     with signals_held():
         if aside:
             os.rename(out, aside)

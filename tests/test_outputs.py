@@ -199,12 +199,33 @@ def test_a_directory_replaced_keeps_what_the_user_put_in_it_meanwhile(tmp_path):
     (out / "NOTES.txt").unlink()
     with new_directory(out, "test") as tmp:
         (tmp / "params.json").write_text("old")
-    with pytest.raises(UserError, match="results.csv"):  # --force over a directory of ours: the same
+    with pytest.raises(UserError, match="holds mine"):  # --force over a directory of ours: the same
         with new_directory(out, "test") as tmp:
             (tmp / "params.json").write_text("new")
             (out / "mine").mkdir()
             (out / "mine" / "results.csv").write_text("mine")
     assert (out / "params.json").read_text() == "old" and (out / "mine" / "results.csv").read_text() == "mine"
+    shutil.rmtree(out / "mine")
+    for name, put in [("an empty folder", lambda: (out / "empty").mkdir()),
+                      ("notes in __pycache__", lambda: (out / "__pycache__").mkdir() or
+                       (out / "__pycache__" / "notes.txt").write_text("mine"))]:
+        with pytest.raises(UserError, match="put there while this run worked"):
+            with new_directory(out, "test") as tmp:
+                (tmp / "params.json").write_text("new")
+                put()
+        assert (out / "params.json").read_text() == "old", name
+        shutil.rmtree(out / ("empty" if "empty" in name else "__pycache__"))
+    shutil.rmtree(out)
+    for name, put in [("a file", lambda: out.write_text("mine")), ("a link", lambda: out.symlink_to(tmp_path)),
+                      ("a FIFO", lambda: os.mkfifo(out))]:  # the output itself, made while the run worked
+        with pytest.raises(UserError, match="put there while this run worked"):
+            with new_directory(out, "test") as tmp:
+                (tmp / "params.json").write_text("new")
+                put()
+        assert os.listdir(tmp_path) == ["m"] and not out.is_dir() or out.is_symlink(), name
+        out.unlink()
+    with pytest.raises(UserError, match="ends in .."):
+        check_output_dir(f"{tmp_path}/m/..")
 
 
 def test_a_signal_while_a_directory_is_replaced_leaves_one_whole(tmp_path, monkeypatch):
