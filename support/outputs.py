@@ -102,7 +102,8 @@ def check_output_dir(out, sources=(), force=False, add=False):
     if where == here or where in here.parents:
         raise UserError(f"{out} is the current directory or one above it; name a new directory")
     for source in map(Path, sources):
-        if where == Path(os.path.realpath(source)) or where in Path(os.path.realpath(source)).parents:
+        real = Path(os.path.realpath(source))
+        if where == real or where in real.parents:
             raise UserError(f"{out} is where the input {source} lies; name a new directory")
     if os.path.basename(text.rstrip("/")) == "..":  # DIR/..: its temporary would land inside DIR
         raise UserError(f"{out} ends in ..; name the directory itself")

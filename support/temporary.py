@@ -342,8 +342,8 @@ def put_in_place(tmp: Path, out: Path):
     if aside and not stat.S_ISDIR(os.lstat(out).st_mode):
         raise UserError(f"{out} is now {'a link' if out.is_symlink() else 'a file'}, put there while this "
                         f"run worked: nothing is replaced; move it and run again, or name a new directory")
-    if aside and foreign_files(out):
-        raise UserError(f"{out} now holds {foreign_files(out)[0]}, put there while this run worked: "
+    for name in foreign_files(out)[:1] if aside else []:
+        raise UserError(f"{out} now holds {name}, put there while this run worked: "
                         f"nothing is replaced; move it out and run again, or name a new directory")
     with signals_held():
         if aside:
